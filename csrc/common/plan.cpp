@@ -1,0 +1,78 @@
+#include "plan.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace gradclip {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kDouble: return DType::F64;
+    default: break;
+  }
+  // torch.linalg.vector_norm's wording for integer input; complex is refused by name.
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()),
+              "linalg.vector_norm: Expected a floating point or complex tensor as input. Got ",
+              t.scalar_type());
+  TORCH_CHECK(false, "gradclip_cuda: gradients of dtype ", t.scalar_type(),
+              " are not supported by the compiled kernels (float32, float16, bfloat16 and float64 are); "
+              "use backend=\"torch\"");
+}
+
+static std::string format_p(double p) {
+  std::ostringstream s;
+  if (p == std::floor(p) && std::isfinite(p)) s << static_cast<int64_t>(p);
+  else s << p;
+  return s.str();
+}
+
+Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
+  Plan plan;
+  const size_t n = xs.size();
+  TORCH_CHECK(n < size_t(INT32_MAX), "gradclip_cuda: too many tensors");
+  const NormKind kind = norm_kind(check.p);
+  const bool needs_nonempty = check.norm && (kind == NormKind::Inf || kind == NormKind::NegInf || check.p < 0);
+  plan.tensors.reserve(n);
+  plan.first_chunk.reserve(n + 1);
+  // Checks first, for every tensor, so that an error leaves every gradient untouched.
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = xs[i];
+    TORCH_CHECK(t.defined(), "gradclip_cuda: tensor ", i, " is undefined");
+    TORCH_CHECK(t.layout() == at::kStrided, "gradclip_cuda: gradient ", i, " has layout ", t.layout(),
+                "; sparse gradients are not supported, call .to_dense() on them first");
+    dtype_of(t);
+    TORCH_CHECK(t.device() == xs[0].device(), "gradclip_cuda: all tensors must be on one device, got ",
+                xs[0].device(), " and ", t.device(), " (the Python API groups tensors by device)");
+    TORCH_CHECK(!needs_nonempty || t.numel() > 0, "linalg.vector_norm cannot compute the ", format_p(check.p),
+                " norm on an empty tensor because the operation does not have an identity");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = xs[i];
+    at::Tensor dense = t;
+    if (!t.is_non_overlapping_and_dense()) {
+      dense = t.contiguous();
+      plan.copies.emplace_back(t, dense);
+    }
+    const DType dt = dtype_of(t);
+    plan.any_f64 |= dt == DType::F64;
+    plan.tensors.push_back({dense.data_ptr(), dense.numel(), dt});
+    plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
+    for (int64_t b = 0; b < t.numel(); b += chunk_elems)
+      plan.chunks.push_back({static_cast<int32_t>(i), b, std::min(chunk_elems, t.numel() - b)});
+    plan.total_elems += t.numel();
+  }
+  plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
+  return plan;
+}
+
+void finish_writes(Plan& plan) {
+  for (auto& [original, copy] : plan.copies) original.copy_(copy);
+}
+
+}  // namespace gradclip

@@ -1,0 +1,65 @@
+// The launch plan: which chunk of which tensor each worker (a CPU task, later a CUDA block) handles.
+//
+// Host C++ only, built once per call (or reused) and consumed by the CPU kernels and the CUDA launchers alike.
+// Every tensor is split into chunks of at most `chunk_elems` elements; offsets are 64-bit throughout. Each tensor
+// entry carries its dtype, so one pass covers a list with mixed fp32/fp16/bf16/fp64 tensors.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "arith.h"
+
+namespace gradclip {
+
+enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
+
+struct TensorRef {
+  void* data;     // first element of a dense, non-overlapping span of `numel` elements
+  int64_t numel;
+  DType dtype;
+};
+
+struct Chunk {
+  int32_t tensor;  // index into Plan::tensors
+  int64_t begin;   // element offset inside that tensor
+  int64_t size;    // elements, 1 .. chunk_elems
+};
+
+struct Plan {
+  std::vector<TensorRef> tensors;
+  std::vector<Chunk> chunks;             // tensor order; a tensor's chunks are consecutive
+  std::vector<int64_t> first_chunk;      // size tensors+1: tensor t owns chunks [first_chunk[t], first_chunk[t+1])
+  int64_t total_elems = 0;
+  bool any_f64 = false;
+  // Tensors that are not dense and non-overlapping are processed through a contiguous copy (pairs: original,
+  // copy), kept alive here; after a pass that wrote, finish_writes copies them back into the originals.
+  std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+};
+
+// What the caller needs checked while the plan is built, before anything is written.
+struct PlanCheck {
+  bool norm = false;            // the pass computes a norm of order p
+  double p = 2.0;
+};
+
+// Builds the plan for `xs`; raises (torch's error type and, where torch has one, its wording) on a sparse,
+// integer or complex tensor, on tensors on more than one device, and on an empty tensor when the norm of
+// order p has no identity (inf, -inf, p < 0). Nothing is written before these checks pass.
+Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);
+
+// Copies written results back into the non-dense tensors the plan processed through copies.
+void finish_writes(Plan& plan);
+
+// The chunk size the CPU kernels use (elements). A chunk's partial is accumulated in 16 lanes, so the summation
+// order inside a chunk, and the order chunks combine in, are fixed by the plan alone: the norm does not depend
+// on the number of threads.
+constexpr int64_t kCpuChunk = int64_t(1) << 16;
+
+DType dtype_of(const at::Tensor& t);
+
+}  // namespace gradclip

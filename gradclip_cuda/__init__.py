@@ -1,0 +1,33 @@
+"""gradclip_cuda: fused, sync-free gradient clipping for PyTorch.
+
+    import gradclip_cuda as gc
+    total = gc.clip_grad_norm_(model.parameters(), max_norm=1.0)   # same call as torch.nn.utils.clip_grad_norm_
+
+See README.md. The ops live in gradclip_cuda._ops (torch.ops.gradclip_cuda.*).
+"""
+import torch as _torch
+
+from . import _ops
+from ._ops import ops
+from .api import (BACKENDS, available_backends, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,
+                  get_total_norm, patch_torch)
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """Which backends are usable, and what the compiled library (if any) was built against."""
+    built = _ops.BUILD or {}
+    return {
+        "version": __version__,
+        "torch": _torch.__version__,
+        "compiled": _ops.C is not None,
+        "built_for_torch": built.get("torch"),
+        "built_for_cuda": built.get("cuda"),
+        "why_not_compiled": _ops.WHY_NOT_COMPILED,
+        "backends": available_backends(),
+    }
+
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
+           "available_backends", "build_info", "BACKENDS", "ops"]

@@ -1,0 +1,189 @@
+"""The ops: one schema each, in this file only; their fake kernels; their pure-PyTorch default kernels; and the
+loading of the compiled library, whose kernels register against these schemas.
+
+Dispatch: the pure-PyTorch kernels are registered as CompositeExplicitAutograd, so every op works on every device
+with no compiled library. The compiled library adds a CPU kernel for each op (csrc/cpu/), which the dispatcher
+prefers for CPU tensors.
+
+Semantics shared by every implementation:
+- ``multi_tensor_norm(xs, p, per_tensor)``: the total is torch's composition, the p-norm of the vector of per-tensor
+  p-norms (for p = 0 that counts the tensors holding a nonzero element, as torch's ``get_total_norm`` does), as a 0-d
+  tensor in the promoted dtype of ``xs`` (what torch returns), computed in float32 or better (float64 for float64
+  inputs) and rounded once. ``per_tensor`` adds each tensor's norm (else an empty tensor).
+- ``multi_tensor_scale_(xs, total, max_norm)``: multiplies ``xs`` in place by
+  ``clamp(max_norm / (total + 1e-6), max=1)``, computed on the device from ``total`` in float32 (float64 for a
+  float64 total); NaN propagates as in torch.
+- ``clip_grad_norm_(xs, max_norm, p)``: both; the coefficient comes from the unrounded total.
+- ``clip_grad_value_(xs, v)``: clamps ``xs`` in place to [-v, v] (clamp_min then clamp_max, as torch).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import torch
+
+NAMESPACE = "gradclip_cuda"
+
+SCHEMAS = {
+    "multi_tensor_norm": "(Tensor[] xs, float p, bool per_tensor=False) -> (Tensor, Tensor)",
+    "multi_tensor_scale_": "(Tensor(a!)[] xs, Tensor total, float max_norm) -> ()",
+    "clip_grad_norm_": "(Tensor(a!)[] xs, float max_norm, float p) -> Tensor",
+    "clip_grad_value_": "(Tensor(a!)[] xs, float clip_value) -> ()",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+ops = getattr(torch.ops, NAMESPACE)
+
+
+_REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def result_dtype(xs) -> torch.dtype:
+    """torch's dtype for a total norm of ``xs``: their promoted dtype (its real counterpart for complex)."""
+    dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return _REAL.get(dtype, dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_nonempty(xs, p: float) -> None:
+    if math.isinf(p) or p < 0:
+        for x in xs:
+            if x.numel() == 0:
+                shown = int(p) if math.isfinite(p) and p == int(p) else p
+                raise RuntimeError(f"linalg.vector_norm cannot compute the {shown} norm on an empty tensor "
+                                   "because the operation does not have an identity")
+
+
+# ---- pure-PyTorch default kernels (any device, no compiled library, no host sync on CUDA) ----
+
+def _per_tensor_norms(xs, p: float) -> torch.Tensor:
+    """Each tensor's p-norm, in float32 (float64 for float64 tensors), in the order of ``xs``, as one float64 vector."""
+    _check_nonempty(xs, p)
+    for x in xs:
+        if not (x.is_floating_point() or x.is_complex()):
+            raise RuntimeError(f"linalg.vector_norm: Expected a floating point or complex tensor as input. Got {x.dtype}")
+    xs = [x.abs() if x.is_complex() else x for x in xs]
+    by_acc: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(xs):
+        by_acc.setdefault(_acc_dtype(x.dtype), []).append(i)
+    norms: list = [None] * len(xs)
+    for acc, idx in by_acc.items():
+        for i, n in zip(idx, torch._foreach_norm([xs[i] for i in idx], p, dtype=acc)):
+            norms[i] = n.to(torch.float64)
+    return torch.stack(norms)
+
+
+def _compose(per_tensor: torch.Tensor, p: float) -> torch.Tensor:
+    """The total from per-tensor norms, in float64: torch's composition (for p = 0, a count of nonzero norms)."""
+    if p == 0:
+        return (per_tensor != 0).sum().to(torch.float64)
+    return torch.linalg.vector_norm(per_tensor, p)
+
+
+def norm_torch(xs, p: float, per_tensor: bool = False):
+    each = _per_tensor_norms(xs, p)
+    dtype = result_dtype(xs)
+    return _compose(each, p).to(dtype), (each if per_tensor else each[:0]).to(dtype)
+
+
+def coefficient(total: torch.Tensor, max_norm: float, device) -> torch.Tensor:
+    """clamp(max_norm / (total + 1e-6), max=1) on ``device``, as torch evaluates it, in float32 (float64 for a
+    float64 total)."""
+    t = total.to(device=device, dtype=_acc_dtype(total.dtype))
+    return torch.clamp(torch.reciprocal(t + 1e-6) * max_norm, max=1.0)
+
+
+def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
+    if total.numel() != 1:
+        raise RuntimeError(f"gradclip_cuda: total_norm must hold one value, got {total.numel()}")
+    coef = coefficient(total, max_norm, xs[0].device)
+    if coef.device.type == "cpu" and bool(coef == 1):
+        return  # nothing to write (on an accelerator we multiply instead: the test would cost a sync)
+    torch._foreach_mul_(list(xs), coef)
+
+
+def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
+    each = _per_tensor_norms(xs, p)
+    dtype = result_dtype(xs)
+    total = _compose(each, p).to(_acc_dtype(dtype))
+    scale_torch_(xs, total, max_norm)
+    return total.to(dtype)
+
+
+def value_torch_(xs, clip_value: float) -> None:
+    xs = list(xs)
+    torch._foreach_clamp_min_(xs, -clip_value)
+    torch._foreach_clamp_max_(xs, clip_value)
+
+
+for _name, _fn in (("multi_tensor_norm", norm_torch), ("multi_tensor_scale_", scale_torch_),
+                   ("clip_grad_norm_", clip_torch_), ("clip_grad_value_", value_torch_)):
+    _lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+# ---- fake kernels (shapes and dtypes only), for torch.compile and opcheck ----
+
+@torch.library.register_fake(f"{NAMESPACE}::multi_tensor_norm")
+def _norm_fake(xs, p, per_tensor=False):
+    dtype = result_dtype(xs)
+    return xs[0].new_empty((), dtype=dtype), xs[0].new_empty((len(xs) if per_tensor else 0,), dtype=dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::multi_tensor_scale_")
+def _scale_fake(xs, total, max_norm):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::clip_grad_norm_")
+def _clip_fake(xs, max_norm, p):
+    return xs[0].new_empty((), dtype=result_dtype(xs))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::clip_grad_value_")
+def _value_fake(xs, clip_value):
+    return None
+
+
+# ---- the compiled library ----
+
+DISABLE_ENV = "GRADCLIP_CUDA_DISABLE_EXT"
+
+
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _load():
+    """Imports gradclip_cuda._C and registers its kernels, or says why not. Never raises."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return None, None, f"disabled by {DISABLE_ENV}=1"
+    try:
+        from gradclip_cuda import _C
+    except ImportError as e:  # not built, or built against a torch whose symbols differ
+        return None, None, f"gradclip_cuda._C could not be imported ({e})"
+    info = _C.build_info()
+    if _release(info["torch"]) != _release(torch.__version__):
+        return None, info, (f"gradclip_cuda._C was built for torch {info['torch']} but torch {torch.__version__} "
+                            "is running; rebuild with `pip install --no-build-isolation .`")
+    if info["cuda"] is not None and torch.version.cuda is not None and \
+            info["cuda"].split(".")[0] != torch.version.cuda.split(".")[0]:
+        return None, info, (f"gradclip_cuda._C was built for CUDA {info['cuda']} but torch uses CUDA "
+                            f"{torch.version.cuda}; rebuild it")
+    _C.register_kernels()
+    return _C, info, None
+
+
+C, BUILD, WHY_NOT_COMPILED = _load()
+if C is None and not WHY_NOT_COMPILED.startswith("disabled"):
+    warnings.warn(f"{WHY_NOT_COMPILED}; gradclip_cuda falls back to its pure-PyTorch kernels", RuntimeWarning,
+                  stacklevel=2)

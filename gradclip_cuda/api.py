@@ -1,0 +1,253 @@
+"""Drop-in replacements for torch.nn.utils.clip_grad_norm_, clip_grad_value_, get_total_norm and
+clip_grads_with_norm_: same signatures, defaults, return values, errors and warnings, plus a keyword-only
+``backend``. Arguments torch silently mishandles (a NaN or negative ``max_norm``, a NaN or non-numeric
+``norm_type``, a NaN or negative ``clip_value``) raise ``ValueError`` before any gradient is touched.
+
+Each function validates its arguments, collects the gradients, groups them by device, picks an implementation
+per device, and calls one op per device (gradclip_cuda/_ops.py). On the CPU with the compiled library, the whole
+call, `.grad` reading included, runs in C++ (``_C.cpu_fast``): no Python loop over tensors.
+
+``foreach`` is accepted for compatibility: ``foreach=True`` on a device without torch's foreach support raises
+torch's error; otherwise our kernels are fused whatever its value.
+"""
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections import namedtuple
+
+import torch
+from torch.utils._foreach_utils import _device_has_foreach_support
+
+from . import _ops
+from ._ops import ops
+
+__all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
+           "available_backends", "BACKENDS"]
+
+BACKENDS = ("auto", "cpu", "torch")
+"""auto: the compiled kernels where they exist for the device (CPU), else the pure-PyTorch kernels.
+cpu: the compiled CPU kernels (CPU tensors only). torch: the pure-PyTorch kernels, on any device."""
+
+_Impl = namedtuple("_Impl", "norm scale clip value")
+_OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_, ops.clip_grad_value_)
+_TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_)
+_COMPILED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
+_NORM, _SCALE, _CLIP, _VALUE = 0, 1, 2, 3  # operations of _C.cpu_fast
+
+
+def available_backends() -> tuple[str, ...]:
+    """The backends usable here, "auto" first."""
+    return ("auto",) + (("cpu",) if _ops.C is not None else ()) + ("torch",)
+
+
+# ---- argument handling ----
+
+def _as_list(parameters, warn_empty_generator: bool = False):
+    if isinstance(parameters, torch.Tensor):
+        return [parameters]
+    if isinstance(parameters, (list, tuple)):
+        return parameters
+    is_generator = isinstance(parameters, types.GeneratorType)
+    parameters = list(parameters)
+    if warn_empty_generator and is_generator and not parameters:
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return parameters
+
+
+def _number(name: str, value, *, allow_negative: bool, what: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if math.isnan(v) or (not allow_negative and v < 0):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return v
+
+
+def _max_norm(v) -> float:
+    return _number("max_norm", v, allow_negative=False, what="a non-negative number")
+
+
+def _norm_type(v) -> float:
+    return _number("norm_type", v, allow_negative=True, what="a number (or 'inf'), not NaN")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cpu" and _ops.C is None:
+        raise RuntimeError(f"backend='cpu' needs the compiled library: {_ops.WHY_NOT_COMPILED}")
+
+
+def _fast(backend: str) -> bool:
+    return backend != "torch" and _ops.C is not None and not torch.compiler.is_compiling()
+
+
+# ---- grouping by device ----
+
+def _groups(tensors, foreach, backend: str) -> dict:
+    """device -> (implementation, tensors on it), in order of first appearance. Raises, before anything is written,
+    on a sparse tensor, on foreach=True for a device without foreach support, and on backend='cpu' for another
+    device."""
+    by_device: dict = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    out = {}
+    for device, ts in by_device.items():
+        if foreach and not _device_has_foreach_support(device):
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        if backend == "cpu" and device.type != "cpu":
+            raise ValueError(f"backend='cpu' takes CPU tensors, got tensors on {device}")
+        for t in ts:
+            if t.layout != torch.strided:
+                raise RuntimeError(f"gradclip_cuda: a gradient has layout {t.layout}; sparse gradients are not "
+                                   "supported, call .to_dense() on them first")
+        compiled = backend != "torch" and (backend == "cpu" or all(t.dtype in _COMPILED_DTYPES for t in ts))
+        out[device] = (_OPS if compiled else _TORCH, ts)
+    return out
+
+
+def _total(groups: dict, p: float) -> torch.Tensor:
+    totals = [impl.norm(ts, p)[0] for impl, ts in groups.values()]
+    if len(totals) == 1:
+        return totals[0]
+    first = next(iter(groups))
+    dtype = _ops.result_dtype(totals)
+    stacked = torch.stack([t.to(first, torch.float64) for t in totals])
+    combined = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, p)  # p = 0: counts add up
+    return combined.to(dtype)
+
+
+def _check_finite(total: torch.Tensor, p: float) -> None:
+    # The one host sync of the API, as in torch: the caller asked to fail on a non-finite norm.
+    if torch.logical_or(total.isnan(), total.isinf()):
+        raise RuntimeError(
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be clipped. "
+            "To disable this error and scale the gradients by the non-finite norm anyway, set "
+            "`error_if_nonfinite=False`")
+
+
+def _scale(groups: dict, total: torch.Tensor, max_norm: float) -> None:
+    for device, (impl, ts) in groups.items():
+        impl.scale(ts, total if total.device == device else total.to(device), max_norm)
+
+
+# ---- the drop-in functions ----
+
+def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None, *,
+                   backend: str = "auto") -> torch.Tensor:
+    """Same as ``torch.nn.utils.get_total_norm``: the norm of all ``tensors`` together, as a 0-d tensor in their
+    promoted dtype on the first tensor's device (CPU ``tensor(0.)`` for no tensors)."""
+    tensors = _as_list(tensors)
+    p = _norm_type(norm_type)
+    _check_backend(backend)
+    total = _ops.C.cpu_fast(tensors, False, _NORM, p) if _fast(backend) else None
+    if total is None:
+        if len(tensors) == 0:
+            return torch.tensor(0.0)
+        with torch.no_grad():
+            total = _total(_groups(tensors, foreach, backend), p)
+    if error_if_nonfinite:
+        _check_finite(total, p)
+    return total
+
+
+def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach=None, *,
+                          backend: str = "auto") -> None:
+    """Same as ``torch.nn.utils.clip_grads_with_norm_``: scales the gradients by
+    ``min(max_norm / (total_norm + 1e-6), 1)``; writes nothing where that is 1."""
+    params = _as_list(parameters)
+    max_norm = _max_norm(max_norm)
+    _check_backend(backend)
+    total = total_norm if isinstance(total_norm, torch.Tensor) else torch.as_tensor(float(total_norm))
+    if _fast(backend) and total.device.type == "cpu" and \
+            _ops.C.cpu_fast(params, True, _SCALE, max_norm, 0.0, total) is not None:
+        return
+    with torch.no_grad():
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            _scale(_groups(grads, foreach, backend), total, max_norm)
+
+
+def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                    foreach=None, *, backend: str = "auto") -> torch.Tensor:
+    """Same as ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of ``parameters``,
+    scales them in place by ``min(max_norm / (total + 1e-6), 1)`` and returns the total."""
+    params = _as_list(parameters, warn_empty_generator=True)
+    max_norm = _max_norm(max_norm)
+    p = _norm_type(norm_type)
+    _check_backend(backend)
+    if _fast(backend) and not error_if_nonfinite:
+        total = _ops.C.cpu_fast(params, True, _CLIP, max_norm, p)
+        if total is not None:
+            return total
+    with torch.no_grad():
+        grads = [g.grad for g in params if g.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        groups = _groups(grads, foreach, backend)
+        if len(groups) == 1 and not error_if_nonfinite:
+            impl, ts = next(iter(groups.values()))
+            return impl.clip(ts, max_norm, p)
+        total = _total(groups, p)
+        if error_if_nonfinite:
+            _check_finite(total, p)
+        _scale(groups, total, max_norm)
+        return total
+
+
+def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: str = "auto") -> None:
+    """Same as ``torch.nn.utils.clip_grad_value_``: clamps the gradients in place to [-clip_value, clip_value]."""
+    params = _as_list(parameters)
+    v = _number("clip_value", clip_value, allow_negative=False, what="a non-negative number")
+    _check_backend(backend)
+    if _fast(backend) and _ops.C.cpu_fast(params, True, _VALUE, v) is not None:
+        return
+    with torch.no_grad():
+        grads = [g.grad for g in params if g.grad is not None]
+        for impl, ts in _groups(grads, foreach, backend).values():
+            impl.value(ts, v)
+
+
+# ---- patching torch ----
+
+_TARGETS = {
+    "torch.nn.utils": {"clip_grad_norm_": clip_grad_norm_, "clip_grad_value_": clip_grad_value_,
+                       "get_total_norm": get_total_norm, "clip_grads_with_norm_": clip_grads_with_norm_},
+    "torch.nn.utils.clip_grad": {"clip_grad_norm_": clip_grad_norm_, "clip_grad_value_": clip_grad_value_,
+                                 "_get_total_norm": get_total_norm, "_clip_grads_with_norm_": clip_grads_with_norm_},
+}
+
+
+class patch_torch:
+    """Makes ``torch.nn.utils.clip_grad_norm_`` (and ``clip_grad_value_``, ``get_total_norm``,
+    ``clip_grads_with_norm_``, and the deprecated ``clip_grad_norm``) use gradclip_cuda.
+
+    Use it as a context manager (``with gradclip_cuda.patch_torch(): ...``) or as a plain call whose result's
+    ``undo()`` puts torch's functions back. Code that bound torch's function to a name of its own before the patch
+    (``from torch.nn.utils import clip_grad_norm_``) keeps torch's.
+    """
+
+    def __init__(self):
+        import importlib
+        self._saved = []
+        for module_name, names in _TARGETS.items():
+            module = importlib.import_module(module_name)
+            for name, fn in names.items():
+                if hasattr(module, name):
+                    self._saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, fn)
+
+    def undo(self) -> None:
+        for module, name, original in reversed(self._saved):
+            setattr(module, name, original)
+        self._saved = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+        return False

@@ -1,0 +1,34 @@
+"""Builds gradclip_cuda._C from csrc/ with torch's cpp_extension (ninja).
+
+Switches (environment): GRADCLIP_CPU_ONLY=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST picks the GPU
+architectures (torch's default list when unset); MAX_JOBS bounds parallel compile jobs (read by torch).
+CUDA sources are compiled when torch was built with CUDA and a toolkit is found (CUDA_HOME), whether or not a
+GPU is visible.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension as cpp
+
+sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+import torch  # noqa: E402  (after the globs: torch's import is slow and they are not)
+
+with_cuda = bool(cuda_sources) and os.environ.get("GRADCLIP_CPU_ONLY") != "1" \
+    and torch.version.cuda is not None and cpp.CUDA_HOME is not None
+flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--Werror", "all-warnings"]}  # torch picks the C++ standard
+Extension = cpp.CUDAExtension if with_cuda else cpp.CppExtension
+ext = Extension(
+    "gradclip_cuda._C",
+    sources + (cuda_sources if with_cuda else []),
+    include_dirs=[os.path.abspath("csrc")],
+    define_macros=[("GRADCLIP_WITH_CUDA", None)] if with_cuda else [],
+    extra_compile_args=flags if with_cuda else flags["cxx"],
+)
+
+setup(
+    packages=find_packages(include=["gradclip_cuda", "gradclip_cuda.*"]),
+    ext_modules=[ext],
+    cmdclass={"build_ext": cpp.BuildExtension.with_options(use_ninja=True)},
+)
