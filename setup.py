@@ -17,7 +17,9 @@ import torch  # noqa: E402  (after the globs: torch's import is slow and they ar
 
 with_cuda = bool(cuda_sources) and os.environ.get("GRADCLIP_CPU_ONLY") != "1" \
     and torch.version.cuda is not None and cpp.CUDA_HOME is not None
-flags = {"cxx": ["-O3"], "nvcc": ["-O3", "--Werror", "all-warnings"]}  # torch picks the C++ standard
+# torch picks the C++ standard. -fopenmp: at::parallel_for runs its OpenMP loop inline, so without it the CPU
+# kernels would run on one thread.
+flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--Werror", "all-warnings"]}
 Extension = cpp.CUDAExtension if with_cuda else cpp.CppExtension
 ext = Extension(
     "gradclip_cuda._C",
@@ -25,6 +27,7 @@ ext = Extension(
     include_dirs=[os.path.abspath("csrc")],
     define_macros=[("GRADCLIP_WITH_CUDA", None)] if with_cuda else [],
     extra_compile_args=flags if with_cuda else flags["cxx"],
+    extra_link_args=["-fopenmp"],
 )
 
 setup(
