@@ -1,0 +1,92 @@
+"""The ops themselves: torch.library.opcheck, per-tensor norms, the fake kernels, torch.compile."""
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import gradclip_cuda as gc
+from gradclip_cuda import _ops
+from conftest import NORM_TYPES, RTOL, assert_close_rel, make_grads, ref_total
+
+ops = torch.ops.gradclip_cuda
+MIXED = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _xs(device="cpu", seed=0):
+    return make_grads([(5,), (3, 7), (65537,), ()], MIXED, device, seed=seed, params=False)
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 0.0, 3.0])
+def test_opcheck_norm(device, p):
+    for per_tensor in (False, True):
+        torch.library.opcheck(ops.multi_tensor_norm, (_xs(device), p, per_tensor))
+
+
+def test_opcheck_mutating_ops(device):
+    torch.library.opcheck(ops.multi_tensor_scale_, (_xs(device), torch.tensor(50.0, device=device), 1.0))
+    torch.library.opcheck(ops.multi_tensor_scale_, (_xs(device), torch.tensor(0.5, device=device), 1.0))
+    torch.library.opcheck(ops.clip_grad_norm_, (_xs(device), 1.0, 2.0))
+    torch.library.opcheck(ops.clip_grad_value_, (_xs(device), 0.7))
+
+
+def test_schemas_and_kernels_are_registered():
+    for name, schema in _ops.SCHEMAS.items():
+        qualname = f"gradclip_cuda::{name}"
+        assert str(getattr(ops, name).default._schema) == qualname + schema
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU") == (_ops.C is not None)
+
+
+@pytest.mark.parametrize("p", NORM_TYPES)
+def test_per_tensor_norms(device, p):
+    xs = _xs(device, seed=1)
+    for impl in ((ops.multi_tensor_norm, _ops.norm_torch) if _ops.C is not None else (_ops.norm_torch,)):
+        # torch's own CPU norm for a general p accumulates float32 less carefully than we do
+        tol = RTOL[torch.float32] * (10 if impl is _ops.norm_torch and p not in (0, 1, 2, math.inf, -math.inf) else 1)
+        total, each = impl(xs, p, True)
+        assert each.shape == (len(xs),) and each.dtype == total.dtype == torch.float64
+        for x, e in zip(xs, each):
+            assert_close_rel(e, torch.linalg.vector_norm(x.double(), p), tol)
+        assert_close_rel(total, ref_total(xs, p), tol)
+        _, none = impl(xs, p, False)
+        assert none.shape == (0,)
+
+
+def test_compiled_kernels_and_pytorch_kernels_agree(device):
+    xs = _xs(device, seed=2)
+    for p in NORM_TYPES:
+        a = ops.multi_tensor_norm(xs, p, True)
+        b = _ops.norm_torch(xs, p, True)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=RTOL[torch.float32] * 10, atol=0)
+
+
+def test_fake_kernels_give_shapes_and_dtypes():
+    with FakeTensorMode():
+        xs = [torch.empty(3, dtype=torch.bfloat16), torch.empty(4, 5, dtype=torch.float16)]
+        total, each = ops.multi_tensor_norm(xs, 2.0, True)
+        assert total.shape == () and total.dtype == torch.float32 and each.shape == (2,)
+        assert ops.clip_grad_norm_(xs, 1.0, 2.0).dtype == torch.float32
+        assert ops.clip_grad_norm_([torch.empty(2, dtype=torch.bfloat16)], 1.0, 2.0).dtype == torch.bfloat16
+
+
+def test_torch_compile_fullgraph_traces_the_ops(device):
+    def step(grads):
+        return gc.clip_grad_norm_(grads, 1.0)
+
+    params = make_grads([(10,), (7, 3), (65537,)], [torch.float32], device, seed=3)
+    expected = [q.grad.clone() for q in params]
+    ref = gc.clip_grad_norm_([torch.nn.Parameter(torch.zeros(1)) for _ in range(0)] or
+                             [_p(e) for e in expected], 1.0, backend="torch")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    total = compiled(params)
+    assert_close_rel(total, ref, 1e-6)
+    for q, e in zip(params, expected):
+        torch.testing.assert_close(q.grad, e * min(1.0, 1.0 / (float(ref) + 1e-6)), rtol=1e-5, atol=0)
+
+
+def _p(grad):
+    q = torch.nn.Parameter(torch.zeros_like(grad))
+    q.grad = grad.clone()
+    return q
