@@ -40,32 +40,30 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
   const bool needs_nonempty = check.norm && (kind == NormKind::Inf || kind == NormKind::NegInf || check.p < 0);
   plan.tensors.reserve(n);
   plan.first_chunk.reserve(n + 1);
-  // Checks first, for every tensor, so that an error leaves every gradient untouched.
+  // Building the plan writes nothing, so raising from inside this loop leaves every tensor untouched.
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& t = xs[i];
     TORCH_CHECK(t.defined(), "gradclip_cuda: tensor ", i, " is undefined");
     TORCH_CHECK(t.layout() == at::kStrided, "gradclip_cuda: gradient ", i, " has layout ", t.layout(),
                 "; sparse gradients are not supported, call .to_dense() on them first");
-    dtype_of(t);
+    const DType dt = dtype_of(t);
     TORCH_CHECK(t.device() == xs[0].device(), "gradclip_cuda: all tensors must be on one device, got ",
                 xs[0].device(), " and ", t.device(), " (the Python API groups tensors by device)");
-    TORCH_CHECK(!needs_nonempty || t.numel() > 0, "linalg.vector_norm cannot compute the ", format_p(check.p),
+    const int64_t numel = t.numel();
+    TORCH_CHECK(!needs_nonempty || numel > 0, "linalg.vector_norm cannot compute the ", format_p(check.p),
                 " norm on an empty tensor because the operation does not have an identity");
-  }
-  for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& t = xs[i];
-    at::Tensor dense = t;
+    void* data = t.data_ptr();
     if (!t.is_non_overlapping_and_dense()) {
-      dense = t.contiguous();
-      plan.copies.emplace_back(t, dense);
+      plan.copies.emplace_back(t, t.contiguous());
+      data = plan.copies.back().second.data_ptr();
     }
-    const DType dt = dtype_of(t);
     plan.any_f64 |= dt == DType::F64;
-    plan.tensors.push_back({dense.data_ptr(), dense.numel(), dt});
+    plan.result_dtype = i == 0 ? t.scalar_type() : c10::promoteTypes(plan.result_dtype, t.scalar_type());
+    plan.tensors.push_back({data, numel, dt});
     plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
-    for (int64_t b = 0; b < t.numel(); b += chunk_elems)
-      plan.chunks.push_back({static_cast<int32_t>(i), b, std::min(chunk_elems, t.numel() - b)});
-    plan.total_elems += t.numel();
+    for (int64_t b = 0; b < numel; b += chunk_elems)
+      plan.chunks.push_back({static_cast<int32_t>(i), b, std::min(chunk_elems, numel - b)});
+    plan.total_elems += numel;
   }
   plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
   return plan;

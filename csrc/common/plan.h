@@ -36,6 +36,7 @@ struct Plan {
   std::vector<int64_t> first_chunk;      // size tensors+1: tensor t owns chunks [first_chunk[t], first_chunk[t+1])
   int64_t total_elems = 0;
   bool any_f64 = false;
+  at::ScalarType result_dtype = at::kFloat;  // torch's dtype for a total of these tensors: their promoted dtype
   // Tensors that are not dense and non-overlapping are processed through a contiguous copy (pairs: original,
   // copy), kept alive here; after a pass that wrote, finish_writes copies them back into the originals.
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;
@@ -47,7 +48,7 @@ struct PlanCheck {
   double p = 2.0;
 };
 
-// Builds the plan for `xs`; raises (torch's error type and, where torch has one, its wording) on a sparse,
+// Builds the plan for `xs` (at least one tensor); raises (torch's error type and, where torch has one, its wording) on a sparse,
 // integer or complex tensor, on tensors on more than one device, and on an empty tensor when the norm of
 // order p has no identity (inf, -inf, p < 0). Nothing is written before these checks pass.
 Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);

@@ -189,13 +189,6 @@ bool apply_scale(Plan& plan, double coef) {
   return true;
 }
 
-// torch's dtype for a total: the promoted dtype of the inputs.
-at::ScalarType result_dtype(at::TensorList xs) {
-  at::ScalarType r = xs[0].scalar_type();
-  for (const auto& x : xs) r = at::promote_types(r, x.scalar_type());
-  return r;
-}
-
 at::Tensor scalar_of(double v, at::ScalarType dtype) {
   return at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
 }
@@ -211,7 +204,7 @@ void bump_versions(at::TensorList xs) {
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, double p, bool per_tensor) {
   Plan plan = make_plan(xs, kCpuChunk, {true, p});
   NormResult r = compute_norm(plan, p, per_tensor);
-  const auto out = result_dtype(xs);
+  const auto out = plan.result_dtype;
   at::Tensor each = at::empty({per_tensor ? static_cast<int64_t>(xs.size()) : 0},
                               at::TensorOptions().dtype(at::kDouble));
   if (per_tensor) std::copy(r.per_tensor.begin(), r.per_tensor.end(), each.data_ptr<double>());
@@ -229,7 +222,7 @@ at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p) {
   Plan plan = make_plan(xs, kCpuChunk, {true, p});
   NormResult r = compute_norm(plan, p, false);
   if (apply_scale(plan, coef_for(r.total, plan.any_f64, max_norm))) bump_versions(xs);
-  return scalar_of(r.total, result_dtype(xs));
+  return scalar_of(r.total, plan.result_dtype);
 }
 
 void clip_grad_value_cpu(at::TensorList xs, double clip_value) {
