@@ -12,7 +12,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace gradclip {
@@ -23,112 +25,186 @@ namespace {
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
+// Element loads and stores in the accumulation type A, written so that the compiler vectorises them: bf16 by bit
+// manipulation (round to nearest even, NaN kept quiet, as c10::BFloat16 does), fp16 through the compiler's
+// _Float16 (one vcvtph2ps / vcvtps2ph per eight elements with F16C).
 template <typename A, typename T>
 GC_INLINE A load(const T* x, int64_t i) { return static_cast<A>(x[i]); }
+template <typename T, typename A>
+GC_INLINE void store(T* x, int64_t i, A v) { x[i] = static_cast<T>(v); }
+
 template <>
 GC_INLINE float load<float, c10::BFloat16>(const c10::BFloat16* x, int64_t i) {
   uint16_t b;
   std::memcpy(&b, x + i, 2);
-  uint32_t u = uint32_t(b) << 16;
+  const uint32_t u = uint32_t(b) << 16;
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
+template <>
+GC_INLINE void store<c10::BFloat16, float>(c10::BFloat16* x, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint16_t b = v != v ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  std::memcpy(x + i, &b, 2);
+}
+
+// Widening of a block of elements into the accumulation type, and narrowing back, per instruction set: the
+// generic loops vectorise for bf16 (bit operations); fp16 needs F16C's vcvtph2ps / vcvtps2ph, which the compiler
+// does not reach from scalar code, so the AVX2 build calls them (once per block: not inlined, since a function
+// compiled for AVX2 cannot be inlined into the generic template code that calls it).
+struct Base {};
+struct Avx2 {};
+
+template <class ISA, typename T>
+struct Convert {
+  using A = typename Acc<T>::type;
+  static GC_INLINE void widen(const T* x, int64_t m, A* out) {
+    for (int64_t j = 0; j < m; ++j) out[j] = load<A>(x, j);
+  }
+  static GC_INLINE void narrow(const A* in, int64_t m, T* x) {
+    for (int64_t j = 0; j < m; ++j) store(x, j, in[j]);
+  }
+};
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define GC_AVX2 __attribute__((target("avx2,fma,f16c")))
+template <>
+struct Convert<Avx2, c10::Half> {
+  GC_AVX2 static void widen(const c10::Half* x, int64_t m, float* out) {
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8)
+      _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + j))));
+    for (; j < m; ++j) out[j] = static_cast<float>(x[j]);
+  }
+  GC_AVX2 static void narrow(const float* in, int64_t m, c10::Half* x) {
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x + j),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(in + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < m; ++j) x[j] = c10::Half(in[j]);
+  }
+};
+#endif
 
 constexpr int kLanes = 16;
 
-// One chunk's partial of norm kind K, in the accumulation type of T.
-template <NormKind K, typename T>
+constexpr int64_t kBlock = 32 * kLanes;  // elements widened at a time
+
+// Folds v[0..m) into the lanes: element i goes to lane i % kLanes.
+template <NormKind K, typename A>
+GC_INLINE void fold_lanes(A* acc, const A* v, int64_t m, A p) {
+  int64_t i = 0;
+  for (; i + kLanes <= m; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] = accumulate<K>(acc[j], v[i + j], p);
+  for (int j = 0; i + j < m; ++j) acc[j] = accumulate<K>(acc[j], v[i + j], p);
+}
+
+// One chunk's partial of norm kind K, in the accumulation type of T. 16-bit inputs are first widened, a block at a
+// time, into a float buffer (a loop the compiler vectorises reliably); block sizes are multiples of kLanes, so every
+// element lands in the same lane either way.
+template <NormKind K, class ISA, typename T>
 GC_INLINE double reduce_chunk(const T* x, int64_t n, double p) {
   using A = typename Acc<T>::type;
   const A pa = static_cast<A>(p);
   A acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = identity<A>(K);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] = accumulate<K>(acc[j], load<A>(x, i + j), pa);
-  for (int j = 0; i + j < n; ++j) acc[j] = accumulate<K>(acc[j], load<A>(x, i + j), pa);
+  if constexpr (std::is_same_v<T, A>) {
+    fold_lanes<K>(acc, x, n, pa);
+  } else {
+    alignas(64) A buf[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      Convert<ISA, T>::widen(x + b, m, buf);
+      fold_lanes<K>(acc, buf, m, pa);
+    }
+  }
   for (int w = kLanes / 2; w > 0; w /= 2)
     for (int j = 0; j < w; ++j) acc[j] = combine(K, acc[j], acc[j + w]);
   return static_cast<double>(acc[0]);
 }
 
-template <typename T>
-GC_INLINE void scale_chunk(T* x, int64_t n, double coef) {
+// Applies f to every element of x[0..n) in place, in the accumulation type.
+template <class ISA, typename T, typename F>
+GC_INLINE void map_chunk(T* x, int64_t n, F f) {
   using A = typename Acc<T>::type;
-  const A c = static_cast<A>(coef);
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(load<A>(x, i) * c);
-}
-
-template <typename T>
-GC_INLINE void clamp_chunk(T* x, int64_t n, double v) {
-  using A = typename Acc<T>::type;
-  const A lo = static_cast<A>(-v), hi = static_cast<A>(v);
-  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(clamp_value(load<A>(x, i), lo, hi));
-}
-
-template <NormKind K>
-GC_INLINE double reduce_any(const TensorRef& t, const Chunk& c, double p) {
-  switch (t.dtype) {
-    case DType::F32: return reduce_chunk<K>(static_cast<const float*>(t.data) + c.begin, c.size, p);
-    case DType::F16: return reduce_chunk<K>(static_cast<const c10::Half*>(t.data) + c.begin, c.size, p);
-    case DType::BF16: return reduce_chunk<K>(static_cast<const c10::BFloat16*>(t.data) + c.begin, c.size, p);
-    case DType::F64: return reduce_chunk<K>(static_cast<const double*>(t.data) + c.begin, c.size, p);
+  if constexpr (std::is_same_v<T, A>) {
+    for (int64_t i = 0; i < n; ++i) x[i] = f(x[i]);
+  } else {
+    alignas(64) A buf[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      Convert<ISA, T>::widen(x + b, m, buf);
+      for (int64_t j = 0; j < m; ++j) buf[j] = f(buf[j]);
+      Convert<ISA, T>::narrow(buf, m, x + b);
+    }
   }
-  return 0;
 }
 
-// The bodies of the three passes over chunks [b, e), written once and compiled for two targets below.
+// Calls f(typed pointer to the chunk's first element, chunk size, chunk index) for chunks [b, e) of the plan.
+template <typename F>
+GC_INLINE void each_chunk(const Plan& plan, int64_t b, int64_t e, F&& f) {
+  for (int64_t i = b; i < e; ++i) {
+    const Chunk& c = plan.chunks[i];
+    const TensorRef& t = plan.tensors[c.tensor];
+    switch (t.dtype) {
+      case DType::F32: f(static_cast<float*>(t.data) + c.begin, c.size, i); break;
+      case DType::F16: f(static_cast<c10::Half*>(t.data) + c.begin, c.size, i); break;
+      case DType::BF16: f(static_cast<c10::BFloat16*>(t.data) + c.begin, c.size, i); break;
+      case DType::F64: f(static_cast<double*>(t.data) + c.begin, c.size, i); break;
+    }
+  }
+}
+
+// The bodies of the three passes over chunks [b, e), written once and compiled for two targets below. The
+// lambdas are forced inline so that they take the instruction set of the function they are compiled into.
+#define GC_LAMBDA(...) [&](auto* x, int64_t n, int64_t i) __attribute__((always_inline)) { __VA_ARGS__; }
+
+template <NormKind K, class ISA>
+GC_INLINE void norm_kind_body(const Plan& plan, int64_t b, int64_t e, double p, double* out) {
+  each_chunk(plan, b, e, GC_LAMBDA(out[i] = reduce_chunk<K, ISA>(x, n, p)));
+}
+
+template <class ISA>
 GC_INLINE void norm_body(const Plan& plan, int64_t b, int64_t e, NormKind k, double p, double* out) {
-  for (int64_t i = b; i < e; ++i) {
-    const Chunk& c = plan.chunks[i];
-    const TensorRef& t = plan.tensors[c.tensor];
-    switch (k) {
-      case NormKind::L2: out[i] = reduce_any<NormKind::L2>(t, c, p); break;
-      case NormKind::L1: out[i] = reduce_any<NormKind::L1>(t, c, p); break;
-      case NormKind::Inf: out[i] = reduce_any<NormKind::Inf>(t, c, p); break;
-      case NormKind::NegInf: out[i] = reduce_any<NormKind::NegInf>(t, c, p); break;
-      case NormKind::L0: out[i] = reduce_any<NormKind::L0>(t, c, p); break;
-      case NormKind::General: out[i] = reduce_any<NormKind::General>(t, c, p); break;
-    }
+  switch (k) {
+    case NormKind::L2: return norm_kind_body<NormKind::L2, ISA>(plan, b, e, p, out);
+    case NormKind::L1: return norm_kind_body<NormKind::L1, ISA>(plan, b, e, p, out);
+    case NormKind::Inf: return norm_kind_body<NormKind::Inf, ISA>(plan, b, e, p, out);
+    case NormKind::NegInf: return norm_kind_body<NormKind::NegInf, ISA>(plan, b, e, p, out);
+    case NormKind::L0: return norm_kind_body<NormKind::L0, ISA>(plan, b, e, p, out);
+    case NormKind::General: return norm_kind_body<NormKind::General, ISA>(plan, b, e, p, out);
   }
 }
 
+// x * coef in the element's accumulation type (float, or double for double), rounded back to the element type.
+template <class ISA>
 GC_INLINE void scale_body(const Plan& plan, int64_t b, int64_t e, double coef) {
-  for (int64_t i = b; i < e; ++i) {
-    const Chunk& c = plan.chunks[i];
-    const TensorRef& t = plan.tensors[c.tensor];
-    switch (t.dtype) {
-      case DType::F32: scale_chunk(static_cast<float*>(t.data) + c.begin, c.size, coef); break;
-      case DType::F16: scale_chunk(static_cast<c10::Half*>(t.data) + c.begin, c.size, coef); break;
-      case DType::BF16: scale_chunk(static_cast<c10::BFloat16*>(t.data) + c.begin, c.size, coef); break;
-      case DType::F64: scale_chunk(static_cast<double*>(t.data) + c.begin, c.size, coef); break;
-    }
-  }
+  each_chunk(plan, b, e, GC_LAMBDA((void)i; using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
+                                   const A c = static_cast<A>(coef);
+                                   map_chunk<ISA>(x, n, [c](A v) __attribute__((always_inline)) { return v * c; })));
 }
 
+template <class ISA>
 GC_INLINE void clamp_body(const Plan& plan, int64_t b, int64_t e, double v) {
-  for (int64_t i = b; i < e; ++i) {
-    const Chunk& c = plan.chunks[i];
-    const TensorRef& t = plan.tensors[c.tensor];
-    switch (t.dtype) {
-      case DType::F32: clamp_chunk(static_cast<float*>(t.data) + c.begin, c.size, v); break;
-      case DType::F16: clamp_chunk(static_cast<c10::Half*>(t.data) + c.begin, c.size, v); break;
-      case DType::BF16: clamp_chunk(static_cast<c10::BFloat16*>(t.data) + c.begin, c.size, v); break;
-      case DType::F64: clamp_chunk(static_cast<double*>(t.data) + c.begin, c.size, v); break;
-    }
-  }
+  each_chunk(plan, b, e, GC_LAMBDA((void)i; using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
+                                   const A lo = static_cast<A>(-v), hi = static_cast<A>(v);
+                                   map_chunk<ISA>(x, n, [lo, hi](A y) __attribute__((always_inline)) {
+                                     return clamp_value(y, lo, hi);
+                                   })));
 }
 
-#define GC_DEFINE_PASSES(SUFFIX, ATTR)                                                                       \
+#define GC_DEFINE_PASSES(SUFFIX, ATTR, ISA)                                                                  \
   ATTR void norm_##SUFFIX(const Plan& pl, int64_t b, int64_t e, NormKind k, double p, double* out) {          \
-    norm_body(pl, b, e, k, p, out);                                                                           \
+    norm_body<ISA>(pl, b, e, k, p, out);                                                                      \
   }                                                                                                           \
-  ATTR void scale_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double c) { scale_body(pl, b, e, c); }      \
-  ATTR void clamp_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double v) { clamp_body(pl, b, e, v); }
+  ATTR void scale_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double c) { scale_body<ISA>(pl, b, e, c); } \
+  ATTR void clamp_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double v) { clamp_body<ISA>(pl, b, e, v); }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-GC_DEFINE_PASSES(avx2, __attribute__((target("avx2,fma,f16c"))))
+GC_DEFINE_PASSES(avx2, GC_AVX2, Avx2)
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                        __builtin_cpu_supports("f16c");
 #else
@@ -137,7 +213,7 @@ const bool kHaveAvx2 = false;
 #define scale_avx2 scale_base
 #define clamp_avx2 clamp_base
 #endif
-GC_DEFINE_PASSES(base, )
+GC_DEFINE_PASSES(base, , Base)
 
 // Below this many elements a pass runs on the calling thread: starting the pool costs more than it saves.
 constexpr int64_t kSerialElems = int64_t(1) << 15;
