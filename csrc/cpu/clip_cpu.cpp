@@ -143,10 +143,12 @@ GC_INLINE void map_chunk(T* x, int64_t n, F f) {
   }
 }
 
-// Calls f(typed pointer to the chunk's first element, chunk size, chunk index) for chunks [b, e) of the plan.
+// Calls f(typed pointer to the chunk's first element, chunk size, chunk index) for chunks [b, e) of the plan,
+// last chunk first when `backward`.
 template <typename F>
-GC_INLINE void each_chunk(const Plan& plan, int64_t b, int64_t e, F&& f) {
-  for (int64_t i = b; i < e; ++i) {
+GC_INLINE void each_chunk(const Plan& plan, int64_t b, int64_t e, F&& f, bool backward = false) {
+  for (int64_t k = b; k < e; ++k) {
+    const int64_t i = backward ? b + e - 1 - k : k;
     const Chunk& c = plan.chunks[i];
     const TensorRef& t = plan.tensors[c.tensor];
     switch (t.dtype) {
@@ -180,11 +182,14 @@ GC_INLINE void norm_body(const Plan& plan, int64_t b, int64_t e, NormKind k, dou
 }
 
 // x * coef in the element's accumulation type (float, or double for double), rounded back to the element type.
+// Backward: each thread gets the same chunks as in the norm pass and starts with the ones it read last, which are
+// still in its caches.
 template <class ISA>
 GC_INLINE void scale_body(const Plan& plan, int64_t b, int64_t e, double coef) {
   each_chunk(plan, b, e, GC_LAMBDA((void)i; using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
                                    const A c = static_cast<A>(coef);
-                                   map_chunk<ISA>(x, n, [c](A v) __attribute__((always_inline)) { return v * c; })));
+                                   map_chunk<ISA>(x, n, [c](A v) __attribute__((always_inline)) { return v * c; })),
+             /*backward=*/true);
 }
 
 template <class ISA>
