@@ -29,12 +29,12 @@ GC_HD NormKind norm_kind(double p) {
   return NormKind::General;
 }
 
-// max / min that propagate NaN from either side, as torch's max-norm does. (Bitwise `|`, not `||`: no branch, so
-// that the CPU compiler vectorises them.)
+// max / min that propagate NaN from either side, as torch's max-norm does. Written as nested selects: this is the
+// form GCC vectorises (a `||` of two comparisons it leaves scalar).
 template <typename A>
-GC_HD A max_nan(A a, A b) { return ((a > b) | (a != a)) ? a : b; }
+GC_HD A max_nan(A a, A b) { return (a != a) ? a : ((b != b) ? b : (b > a ? b : a)); }
 template <typename A>
-GC_HD A min_nan(A a, A b) { return ((a < b) | (a != a)) ? a : b; }
+GC_HD A min_nan(A a, A b) { return (a != a) ? a : ((b != b) ? b : (b < a ? b : a)); }
 
 // The value a partial starts from: neutral for the combine of that kind.
 template <typename A>
