@@ -90,3 +90,20 @@ def _p(grad):
     q = torch.nn.Parameter(torch.zeros_like(grad))
     q.grad = grad.clone()
     return q
+
+
+@pytest.mark.parametrize("bad", ["sparse", "int", "complex", "empty-inf"])
+def test_op_errors_leave_every_tensor_untouched(bad):
+    xs = _xs(seed=4)
+    before = [x.clone() for x in xs]
+    odd = {"sparse": torch.ones(3, 3).to_sparse(), "int": torch.arange(3), "complex": torch.ones(3, dtype=torch.cfloat),
+           "empty-inf": torch.ones(0)}[bad]
+    p = math.inf if bad == "empty-inf" else 2.0
+    impls = [_ops.clip_torch_] + ([ops.clip_grad_norm_] if _ops.C is not None else [])
+    for impl in impls:
+        if bad in ("sparse", "complex") and impl is _ops.clip_torch_:
+            continue  # the pure-PyTorch kernels handle complex; sparse is refused by the API before any op
+        with pytest.raises(RuntimeError):
+            impl(xs + [odd], 1e-3, p)
+        for x, b in zip(xs, before):
+            assert torch.equal(x, b)
