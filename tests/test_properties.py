@@ -1,6 +1,7 @@
 """Property test: any list of float tensors, any norm type, any max_norm: clip_grad_norm_ agrees with a float64
 reference, leaves the gradients unchanged when unclipped, and never writes on a bad argument."""
 import math
+import os
 
 import torch
 from hypothesis import given, settings, strategies as st
@@ -26,7 +27,7 @@ def _build(spec):
     return params
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=int(os.environ.get("GRADCLIP_HYPOTHESIS_EXAMPLES", 150)), deadline=None, derandomize=True)
 @given(spec=tensors, p=norm_types, ratio=st.floats(0.01, 100.0))
 def test_clip_grad_norm_property(spec, p, ratio):
     grads = [q.grad for q in _build(spec)]
@@ -51,4 +52,5 @@ def test_clip_grad_norm_property(spec, p, ratio):
                 assert torch.equal(q.grad, b)
                 continue
             rt = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}.get(q.grad.dtype, 2e-5)
-            torch.testing.assert_close(q.grad.double(), b.double() * coef, rtol=2 * (rt + tol), atol=1e-30)
+            atol = 2.0**-24 if q.grad.dtype == torch.float16 else 1e-30  # fp16 subnormal spacing
+            torch.testing.assert_close(q.grad.double(), b.double() * coef, rtol=2 * (rt + tol), atol=atol)
