@@ -108,7 +108,7 @@ def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
     coef = coefficient(total, max_norm, xs[0].device)
     if coef.device.type == "cpu" and bool(coef == 1):
         return  # nothing to write (on an accelerator we multiply instead: the test would cost a sync)
-    torch._foreach_mul_(list(xs), coef)
+    torch._foreach_mul_(_once_each(xs), coef)
 
 
 def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
@@ -119,8 +119,20 @@ def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
     return total.to(dtype)
 
 
+def _once_each(xs) -> list:
+    """xs without repeats of a tensor listed earlier (same data, size and dtype): an in-place pass scales each
+    gradient once, where torch's foreach_mul_ would scale a twice-listed gradient twice."""
+    seen, out = set(), []
+    for x in xs:
+        key = (x.device, x.data_ptr(), x.numel(), x.dtype)
+        if x.data_ptr() == 0 or key not in seen:
+            seen.add(key)
+            out.append(x)
+    return out
+
+
 def value_torch_(xs, clip_value: float) -> None:
-    xs = list(xs)
+    xs = _once_each(xs)
     torch._foreach_clamp_min_(xs, -clip_value)
     torch._foreach_clamp_max_(xs, clip_value)
 

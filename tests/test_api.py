@@ -400,3 +400,17 @@ def test_patch_torch_as_context_manager_and_plain_call():
         handle.undo()
     assert torch.nn.utils.clip_grad_norm_ is originals[0]
     assert isinstance(torch.nn.utils.clip_grad_norm_, types.FunctionType)
+
+
+def test_a_gradient_listed_twice_counts_twice_but_is_scaled_once(device):
+    base = make_grads([(1000,), (70_000,)], [torch.float32], device, seed=22)
+    for backend in backends_for(device):
+        params = clone_params(base)
+        listed = [params[0], params[1], params[1]]
+        ref = ref_total([q.grad for q in listed], 2.0)
+        total = gc.clip_grad_norm_(listed, 0.5, backend=backend)
+        assert_close_rel(total, ref, RTOL[torch.float32], backend)
+        for q, b in zip(params, base):
+            torch.testing.assert_close(q.grad.double(), b.grad.double() * ref_coef(ref, 0.5), rtol=1e-5, atol=0)
+        gc.clip_grad_value_(listed, 1e-4, backend=backend)
+        assert float(params[1].grad.abs().max()) <= 1e-4

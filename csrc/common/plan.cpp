@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <sstream>
 
@@ -67,6 +68,22 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
   }
   plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
   return plan;
+}
+
+void drop_repeated_tensors(Plan& plan) {
+  std::vector<std::pair<const void*, int32_t>> starts;
+  starts.reserve(plan.tensors.size());
+  for (size_t i = 0; i < plan.tensors.size(); ++i)
+    if (plan.tensors[i].numel > 0) starts.emplace_back(plan.tensors[i].data, static_cast<int32_t>(i));
+  std::sort(starts.begin(), starts.end());
+  std::vector<char> repeated(plan.tensors.size(), 0);
+  bool any = false;
+  for (size_t k = 1; k < starts.size(); ++k)
+    if (starts[k].first == starts[k - 1].first) repeated[starts[k].second] = any = true;
+  if (!any) return;
+  plan.chunks.erase(std::remove_if(plan.chunks.begin(), plan.chunks.end(),
+                                   [&](const Chunk& c) { return repeated[c.tensor] != 0; }),
+                    plan.chunks.end());
 }
 
 void finish_writes(Plan& plan) {

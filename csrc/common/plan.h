@@ -56,6 +56,11 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);
 // Copies written results back into the non-dense tensors the plan processed through copies.
 void finish_writes(Plan& plan);
 
+// Before an in-place pass: drops the chunks of every tensor whose data starts where an earlier tensor's does (the
+// same gradient listed twice), so each element is written once and no two workers write the same memory. The norm
+// still counts such a tensor once per listing, as torch does.
+void drop_repeated_tensors(Plan& plan);
+
 // The chunk size the CPU kernels use (elements). A chunk's partial is accumulated in 16 lanes, so the summation
 // order inside a chunk, and the order chunks combine in, are fixed by the plan alone: the norm does not depend
 // on the number of threads.

@@ -265,6 +265,7 @@ double coef_for(double total, bool f64, double max_norm) {
 // Scales every tensor by coef; writes nothing (and returns false) when coef is 1.
 bool apply_scale(Plan& plan, double coef) {
   if (coef == 1.0) return false;
+  drop_repeated_tensors(plan);
   over_chunks(plan, [&](int64_t b, int64_t e) { (kHaveAvx2 ? scale_avx2 : scale_base)(plan, b, e, coef); });
   finish_writes(plan);
   return true;
@@ -308,6 +309,7 @@ at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p) {
 
 void clip_grad_value_cpu(at::TensorList xs, double clip_value) {
   Plan plan = make_plan(xs, kCpuChunk, {});
+  drop_repeated_tensors(plan);
   over_chunks(plan, [&](int64_t b, int64_t e) { (kHaveAvx2 ? clamp_avx2 : clamp_base)(plan, b, e, clip_value); });
   finish_writes(plan);
   bump_versions(xs);
