@@ -114,3 +114,15 @@ def test_op_errors_leave_every_tensor_untouched(bad):
             impl(xs + [odd], 1e-3, p)
         for x, b in zip(xs, before):
             assert torch.equal(x, b)
+
+
+def test_torch_compile_with_inductor(device):
+    params = make_grads([(10,), (300,), (70_000,)], [torch.float32, torch.bfloat16], device, seed=5)
+    expected_total = ref_total([q.grad for q in params], 2.0)
+    before = [q.grad.clone() for q in params]
+    total = torch.compile(lambda ps: gc.clip_grad_norm_(ps, 1.0), fullgraph=True)(params)
+    assert_close_rel(total, expected_total, RTOL[torch.float32])
+    coef = 1.0 / (float(expected_total) + 1e-6)
+    for q, b in zip(params, before):
+        torch.testing.assert_close(q.grad.double(), b.double() * coef, rtol=1e-2 if b.dtype == torch.bfloat16 else 1e-5,
+                                   atol=0)
