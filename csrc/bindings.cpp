@@ -37,7 +37,6 @@ py::dict build_info() {
 #else
   d["cuda"] = py::none();
 #endif
-  d["backends"] = py::make_tuple("cpu");
   return d;
 }
 
