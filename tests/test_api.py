@@ -65,7 +65,7 @@ def test_clip_grad_norm_matches_reference_and_torch(device, p, dtypes, clipped):
         for q, b, t, v in zip(ours, base, theirs, versions):
             if not clipped:
                 assert torch.equal(q.grad, b.grad), "an unclipped step must leave the gradients as they were"
-                if backend != "torch" or device == "cpu":
+                if device == "cpu":  # on other devices the pure-PyTorch kernels multiply (no sync to test coef == 1)
                     assert q.grad._version == v, "an unclipped step must not write"
                 continue
             expected = b.grad.double() * coef
