@@ -60,10 +60,10 @@ py::object cpu_fast(py::handle seq, bool grads_of, int op, double a, double b, s
   PyObject** items = PySequence_Fast_ITEMS(fast);
   std::vector<at::Tensor> ts;
   ts.reserve(n);
+  static PyObject* const parameter = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* o = items[i];
     // Exactly torch.Tensor or torch.nn.Parameter: a subclass may override `.grad` or dispatch.
-    static PyObject* const parameter = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();
     if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass) &&
         Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(parameter))
       return py::none();

@@ -29,3 +29,15 @@ def test_a_provider_that_disagrees_with_torch_is_reported_not_timed(monkeypatch)
     assert len(broken) == 2
     clipped = next(r for r in broken if r["regime"] == "clipped")
     assert "wrong" in clipped and "median_ms" not in clipped
+
+
+def test_kernel_throughput_command(capsys):
+    import pytest
+    from gradclip_cuda import _ops
+    if _ops.C is None:
+        pytest.skip("needs the compiled library")
+    import bench.kernels
+    bench.kernels.main(["--elems", "4096"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "GB" not in line]
+    assert [r.split("|")[1].strip() for r in rows[1:]] == ["float32", "bfloat16", "float16", "float64"]
+    assert all(float(c) > 0 for r in rows[1:] for c in r.strip("| ").split(" | ")[1:])
