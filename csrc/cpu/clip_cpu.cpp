@@ -17,6 +17,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace gradclip {
 namespace {
 
@@ -69,7 +73,6 @@ struct Convert {
 };
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
 #define GC_AVX2 __attribute__((target("avx2,fma,f16c")))
 template <>
 struct Convert<Avx2, c10::Half> {
