@@ -8,14 +8,20 @@
 #include <memory>
 #include <string>
 
+#include "common/launch.h"
 #include "cpu/clip_cpu.h"
+#ifdef GRADCLIP_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/clip_cuda.h"
+#endif
 
 namespace py = pybind11;
 
 namespace gradclip {
 namespace {
 
-std::unique_ptr<torch::Library> g_cpu_lib;
+std::unique_ptr<torch::Library> g_cpu_lib, g_cuda_lib;
 
 // Registered on request (after _ops.py has checked that this library was built for the running torch), never
 // from a static initialiser: a mismatched build must not put its kernels in the dispatcher.
@@ -27,13 +33,21 @@ void register_kernels() {
   g_cpu_lib->impl("multi_tensor_scale_", TORCH_FN(multi_tensor_scale_cpu));
   g_cpu_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cpu));
   g_cpu_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cpu));
+#ifdef GRADCLIP_WITH_CUDA
+  g_cuda_lib = std::make_unique<torch::Library>(torch::Library::IMPL, "gradclip_cuda", c10::DispatchKey::CUDA,
+                                                __FILE__, __LINE__);
+  g_cuda_lib->impl("multi_tensor_norm", TORCH_FN(multi_tensor_norm_cuda));
+  g_cuda_lib->impl("multi_tensor_scale_", TORCH_FN(multi_tensor_scale_cuda));
+  g_cuda_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cuda));
+  g_cuda_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cuda));
+#endif
 }
 
 py::dict build_info() {
   py::dict d;
   d["torch"] = std::string(TORCH_VERSION);
 #ifdef GRADCLIP_WITH_CUDA
-  d["cuda"] = std::to_string(CUDA_VERSION / 1000) + "." + std::to_string(CUDA_VERSION / 10 % 100);
+  d["cuda"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION / 10 % 100);
 #else
   d["cuda"] = py::none();
 #endif
@@ -42,18 +56,27 @@ py::dict build_info() {
 
 enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3 };
 
-bool plain_cpu_tensor(const at::Tensor& t) {
+// A tensor the compiled kernels take as it is, on `device` (the first tensor's device when it is undefined).
+bool plain_tensor(const at::Tensor& t, c10::Device& device) {
   const auto st = t.scalar_type();
-  return t.device().is_cpu() && t.layout() == at::kStrided &&
+  if (device.type() == c10::DeviceType::Meta) device = t.device();  // the first tensor
+#ifdef GRADCLIP_WITH_CUDA
+  const bool compiled_device = t.device().is_cpu() || t.device().is_cuda();
+#else
+  const bool compiled_device = t.device().is_cpu();
+#endif
+  return compiled_device && t.device() == device && t.layout() == at::kStrided &&
          (st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble) &&
          !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has_any(c10::python_ks);
 }
 
-// The hot path of the drop-in API on the CPU, with no Python loop over the tensors: `seq` is a list or tuple of
-// parameters (grads_of: their `.grad`, Nones skipped) or of tensors. Returns None when the fast path does not
-// apply (nothing to do, another device, a tensor subclass, an unsupported dtype or layout): the caller then
-// takes the general path through the ops, which raises the proper errors.
-py::object cpu_fast(py::handle seq, bool grads_of, int op, double a, double b, std::optional<at::Tensor> total) {
+// The hot path of the drop-in API, with no Python loop over the tensors: `seq` is a list or tuple of parameters
+// (grads_of: their `.grad`, Nones skipped) or of tensors, all on one device whose type is in `devices` (1: CPU,
+// 2: CUDA). Returns None when the fast path does not apply (nothing to do, several devices, a device not asked for,
+// a tensor subclass, an unsupported dtype or layout, a total on another device): the caller then takes the general
+// path through the ops, which raises the proper errors.
+py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, double b,
+                std::optional<at::Tensor> total) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
   PyObject* fast = seq.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -61,6 +84,7 @@ py::object cpu_fast(py::handle seq, bool grads_of, int op, double a, double b, s
   std::vector<at::Tensor> ts;
   ts.reserve(n);
   static PyObject* const parameter = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();
+  c10::Device device(c10::DeviceType::Meta);
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* o = items[i];
     // Exactly torch.Tensor or torch.nn.Parameter: a subclass may override `.grad` or dispatch.
@@ -71,17 +95,28 @@ py::object cpu_fast(py::handle seq, bool grads_of, int op, double a, double b, s
     if (grads_of) {
       const at::Tensor& g = v.grad();
       if (!g.defined()) continue;
-      if (!plain_cpu_tensor(g)) return py::none();
+      if (!plain_tensor(g, device)) return py::none();
       ts.push_back(g);
     } else {
-      if (!plain_cpu_tensor(v)) return py::none();
+      if (!plain_tensor(v, device)) return py::none();
       ts.push_back(v);
     }
   }
-  if (ts.empty()) return py::none();
+  if (ts.empty() || !(devices & (device.is_cpu() ? 1 : 2))) return py::none();
+  if (op == int(FastOp::Scale) && total->device() != device) return py::none();
   at::Tensor result;
   {
     py::gil_scoped_release nogil;
+#ifdef GRADCLIP_WITH_CUDA
+    if (device.is_cuda()) {
+      switch (static_cast<FastOp>(op)) {
+        case FastOp::Norm: result = std::get<0>(multi_tensor_norm_cuda(ts, a, false)); break;
+        case FastOp::Scale: multi_tensor_scale_cuda(ts, total.value(), a); break;
+        case FastOp::Clip: result = clip_grad_norm_cuda(ts, a, b); break;
+        case FastOp::Value: clip_grad_value_cuda(ts, a); break;
+      }
+    } else
+#endif
     switch (static_cast<FastOp>(op)) {
       case FastOp::Norm: result = std::get<0>(multi_tensor_norm_cpu(ts, a, false)); break;
       case FastOp::Scale: multi_tensor_scale_cpu(ts, total.value(), a); break;
@@ -93,12 +128,58 @@ py::object cpu_fast(py::handle seq, bool grads_of, int op, double a, double b, s
   return py::cast(true);
 }
 
+// The CUDA launch tables the builder cuts for tensors of these sizes and dtype codes (fake, distinct data
+// addresses: tensor i starts at (i + 1) << 40), decoded by the search the kernels run. For the CPU tests.
+py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int>& dtypes,
+                       const std::vector<int>& skip, int64_t chunk_elems, int capacity) {
+  std::vector<TensorRef> ts;
+  for (size_t i = 0; i < numels.size(); ++i)
+    ts.push_back({reinterpret_cast<void*>(uintptr_t(i + 1) << 40), numels[i], static_cast<DType>(dtypes[i])});
+  std::vector<char> sk(skip.begin(), skip.end());
+  py::list out;
+  for (const LaunchSpec& l : build_launches(ts, sk, chunk_elems, capacity)) {
+    py::list chunks;
+    for (int32_t k = 0; k < l.h.n_chunks; ++k) {
+      const ChunkRef c = locate_chunk(l.slots.data(), l.h.n_tensors, k, chunk_elems);
+      const auto addr = reinterpret_cast<uintptr_t>(c.data);
+      const int64_t tensor = int64_t(addr >> 40) - 1;
+      chunks.append(py::make_tuple(tensor, int64_t(addr & ((uintptr_t(1) << 40) - 1)) / dtype_size(c.dtype), c.size,
+                                   int(c.dtype), c.skip_writes));
+    }
+    py::dict d;
+    d["chunk_base"] = l.h.chunk_base;
+    d["tensor_base"] = l.h.tensor_base;
+    d["n_tensors"] = l.h.n_tensors;
+    d["n_chunks"] = l.h.n_chunks;
+    d["last"] = bool(l.h.last);
+    d["chunks"] = chunks;
+    out.append(d);
+  }
+  return out;
+}
+
+py::dict last_cuda_call_info() {
+  py::dict d;
+#ifdef GRADCLIP_WITH_CUDA
+  const CudaCallInfo i = last_cuda_call();
+  d["launches"] = i.launches;
+  d["fused"] = i.fused;
+  d["cached"] = i.cached;
+#endif
+  return d;
+}
+
 }  // namespace
 }  // namespace gradclip
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &gradclip::build_info, "torch and CUDA versions this library was built against");
   m.def("register_kernels", &gradclip::register_kernels, "register the compiled kernels with the dispatcher");
-  m.def("cpu_fast", &gradclip::cpu_fast, py::arg("seq"), py::arg("grads_of"), py::arg("op"), py::arg("a"),
-        py::arg("b") = 0.0, py::arg("total") = py::none());
+  m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),
+        py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none());
+  m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
+        py::arg("chunk_elems"), py::arg("capacity"));
+  m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
+  m.attr("CUDA_CHUNK") = gradclip::kCudaChunk;
+  m.attr("TABLE_SLOTS") = py::make_tuple(gradclip::kSmallSlots, gradclip::kLargeSlots);
 }

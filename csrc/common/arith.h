@@ -16,6 +16,10 @@
 
 namespace gradclip {
 
+// The accumulation type of an element type: float for float and the 16-bit types, double for double.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
 // Which reduction a norm order p needs. The total of every kind is torch's composition: the p-norm of the
 // vector of per-tensor p-norms. For every p except 0 that equals the p-norm of all elements together; for
 // p = 0 torch's composition counts the tensors that hold a nonzero element, and so do we (drop-in).
@@ -89,6 +93,13 @@ GC_HD A clip_coef(A total, double max_norm) {
   A r = A(1) / (total + A(1e-6));
   A c = r * A(max_norm);
   return (c < A(1) || c != c) ? c : A(1);
+}
+
+// The coefficient in the precision torch would use for this total: double when the total is float64 (`f64`),
+// else float (returned widened to double, exactly).
+GC_HD double coef_for(double total, bool f64, double max_norm) {
+  return f64 ? clip_coef<double>(total, max_norm)
+             : static_cast<double>(clip_coef<float>(static_cast<float>(total), max_norm));
 }
 
 // clip_grad_value_: torch applies clamp_min(-v) and then clamp_max(v), both NaN-preserving.

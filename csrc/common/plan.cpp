@@ -9,8 +9,8 @@
 
 namespace gradclip {
 
-DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType st) {
+  switch (st) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
@@ -18,10 +18,9 @@ DType dtype_of(const at::Tensor& t) {
     default: break;
   }
   // torch.linalg.vector_norm's wording for integer input; complex is refused by name.
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) || at::isComplexType(t.scalar_type()),
-              "linalg.vector_norm: Expected a floating point or complex tensor as input. Got ",
-              t.scalar_type());
-  TORCH_CHECK(false, "gradclip_cuda: gradients of dtype ", t.scalar_type(),
+  TORCH_CHECK(at::isFloatingType(st) || at::isComplexType(st),
+              "linalg.vector_norm: Expected a floating point or complex tensor as input. Got ", st);
+  TORCH_CHECK(false, "gradclip_cuda: gradients of dtype ", st,
               " are not supported by the compiled kernels (float32, float16, bfloat16 and float64 are); "
               "use backend=\"torch\"");
 }
@@ -47,7 +46,7 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
     TORCH_CHECK(t.defined(), "gradclip_cuda: tensor ", i, " is undefined");
     TORCH_CHECK(t.layout() == at::kStrided, "gradclip_cuda: gradient ", i, " has layout ", t.layout(),
                 "; sparse gradients are not supported, call .to_dense() on them first");
-    const DType dt = dtype_of(t);
+    const DType dt = dtype_of(t.scalar_type());
     TORCH_CHECK(t.device() == xs[0].device(), "gradclip_cuda: all tensors must be on one device, got ",
                 xs[0].device(), " and ", t.device(), " (the Python API groups tensors by device)");
     const int64_t numel = t.numel();
@@ -62,7 +61,7 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
     plan.result_dtype = i == 0 ? t.scalar_type() : c10::promoteTypes(plan.result_dtype, t.scalar_type());
     plan.tensors.push_back({data, numel, dt});
     plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
-    for (int64_t b = 0; b < numel; b += chunk_elems)
+    for (int64_t b = 0; chunk_elems > 0 && b < numel; b += chunk_elems)
       plan.chunks.push_back({static_cast<int32_t>(i), b, std::min(chunk_elems, numel - b)});
     plan.total_elems += numel;
   }
@@ -70,20 +69,29 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
   return plan;
 }
 
-void drop_repeated_tensors(Plan& plan) {
+std::vector<char> repeated_tensors(const Plan& plan) {
   std::vector<std::pair<const void*, int32_t>> starts;
   starts.reserve(plan.tensors.size());
   for (size_t i = 0; i < plan.tensors.size(); ++i)
     if (plan.tensors[i].numel > 0) starts.emplace_back(plan.tensors[i].data, static_cast<int32_t>(i));
   std::sort(starts.begin(), starts.end());
   std::vector<char> repeated(plan.tensors.size(), 0);
-  bool any = false;
   for (size_t k = 1; k < starts.size(); ++k)
-    if (starts[k].first == starts[k - 1].first) repeated[starts[k].second] = any = true;
-  if (!any) return;
+    if (starts[k].first == starts[k - 1].first) repeated[starts[k].second] = 1;
+  return repeated;
+}
+
+void drop_repeated_tensors(Plan& plan) {
+  const std::vector<char> repeated = repeated_tensors(plan);
+  if (std::find(repeated.begin(), repeated.end(), 1) == repeated.end()) return;
   plan.chunks.erase(std::remove_if(plan.chunks.begin(), plan.chunks.end(),
                                    [&](const Chunk& c) { return repeated[c.tensor] != 0; }),
                     plan.chunks.end());
+}
+
+void bump_versions(at::TensorList xs) {
+  for (const auto& x : xs)
+    if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
 void finish_writes(Plan& plan) {

@@ -13,16 +13,9 @@
 #include <vector>
 
 #include "arith.h"
+#include "launch.h"
 
 namespace gradclip {
-
-enum class DType : uint8_t { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
-
-struct TensorRef {
-  void* data;     // first element of a dense, non-overlapping span of `numel` elements
-  int64_t numel;
-  DType dtype;
-};
 
 struct Chunk {
   int32_t tensor;  // index into Plan::tensors
@@ -48,7 +41,8 @@ struct PlanCheck {
   double p = 2.0;
 };
 
-// Builds the plan for `xs` (at least one tensor); raises (torch's error type and, where torch has one, its wording) on a sparse,
+// Builds the plan for `xs` (at least one tensor); chunk_elems = 0 builds no chunk list (the CUDA launch tables
+// derive chunks from the sizes). raises (torch's error type and, where torch has one, its wording) on a sparse,
 // integer or complex tensor, on tensors on more than one device, and on an empty tensor when the norm of
 // order p has no identity (inf, -inf, p < 0). Nothing is written before these checks pass.
 Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);
@@ -60,12 +54,18 @@ void finish_writes(Plan& plan);
 // same gradient listed twice), so each element is written once and no two workers write the same memory. The norm
 // still counts such a tensor once per listing, as torch does.
 void drop_repeated_tensors(Plan& plan);
+// Which tensors start where an earlier-sorted tensor does: 1 for every repeat but one of each start.
+std::vector<char> repeated_tensors(const Plan& plan);
 
 // The chunk size the CPU kernels use (elements). A chunk's partial is accumulated in 16 lanes, so the summation
 // order inside a chunk, and the order chunks combine in, are fixed by the plan alone: the norm does not depend
 // on the number of threads.
 constexpr int64_t kCpuChunk = int64_t(1) << 16;
 
-DType dtype_of(const at::Tensor& t);
+// The kernels' dtype code of a scalar type; raises (torch's wording for integers) on any other dtype.
+DType dtype_of(at::ScalarType st);
+
+// In-place writes through raw pointers: tell autograd the tensors changed, as an in-place torch op would.
+void bump_versions(at::TensorList xs);
 
 }  // namespace gradclip

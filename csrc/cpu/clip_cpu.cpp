@@ -26,9 +26,6 @@ namespace {
 
 #define GC_INLINE inline __attribute__((always_inline))
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
 // Element loads and stores in the accumulation type A, written so that the compiler vectorises them: bf16 by bit
 // manipulation (round to nearest even, NaN kept quiet, as c10::BFloat16 does), fp16 through the compiler's
 // _Float16 (one vcvtph2ps / vcvtps2ph per eight elements with F16C).
@@ -259,12 +256,6 @@ NormResult compute_norm(const Plan& plan, double p, bool per_tensor) {
   return r;
 }
 
-// The coefficient in the precision torch would use for this total: double for a float64 total, else float.
-double coef_for(double total, bool f64, double max_norm) {
-  return f64 ? clip_coef<double>(total, max_norm)
-             : static_cast<double>(clip_coef<float>(static_cast<float>(total), max_norm));
-}
-
 // Scales every tensor by coef; writes nothing (and returns false) when coef is 1.
 bool apply_scale(Plan& plan, double coef) {
   if (coef == 1.0) return false;
@@ -276,12 +267,6 @@ bool apply_scale(Plan& plan, double coef) {
 
 at::Tensor scalar_of(double v, at::ScalarType dtype) {
   return at::scalar_tensor(v, at::TensorOptions().dtype(at::kDouble)).to(dtype);
-}
-
-// In-place writes through raw pointers: tell autograd the tensors changed, as an in-place torch op would.
-void bump_versions(at::TensorList xs) {
-  for (const auto& x : xs)
-    if (!x.is_inference()) x.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace

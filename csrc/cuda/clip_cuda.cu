@@ -1,0 +1,611 @@
+// CUDA kernels: multi-tensor norm (one launch), scale (one launch, nothing written when the coefficient is 1),
+// clip-by-value, and a fused single-launch clip for sets that fit in L2.
+//
+// What is shared with the CPU kernels: the plan and its checks (common/plan.h), the launch tables and the chunk
+// search (common/launch.h), and every per-element operation (common/arith.h). What is GPU-only is here: the block
+// and warp reductions, the last-block ticket, the grid barrier, 16-byte vector access, and the host launchers.
+//
+// Determinism: each chunk's partial is reduced by one block in a fixed order (per-thread strides, then a butterfly
+// over warps), and the total is a fixed-order reduction over all chunk partials. Neither depends on how the plan is
+// cut into launches, nor on fused vs two-launch: the same tensors give bitwise the same norm.
+#include "cuda/clip_cuda.h"
+
+#include "common/launch.h"
+#include "common/plan.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cooperative_groups.h>
+#include <cuda_runtime.h>
+
+#if CUDART_VERSION < 12010
+#error "gradclip_cuda's CUDA kernels need CUDA 12.1 or newer (launch tables of up to 32 KB of kernel parameters)"
+#endif
+
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace gradclip {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
+constexpr int kTicketSlots = 4096;
+
+// Tickets of the last-block reduction, one per stream (ticket_slot): zero when the module loads, and reset to zero
+// by the last block of every launch, so no call needs a memset and CUDA-graph replays find them ready.
+__device__ unsigned int g_tickets[kTicketSlots];
+
+// ---- device helpers ----
+
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type widen(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+
+template <typename T>
+constexpr int kVec = 16 / int(sizeof(T));
+
+template <typename T>
+__device__ __forceinline__ int64_t head_elems(const T* x, int64_t n) {
+  const int64_t h = int64_t((16 - reinterpret_cast<uintptr_t>(x) % 16) % 16) / int64_t(sizeof(T));
+  return h < n ? h : n;
+}
+
+// Combines v over the block; every thread gets the result. smem: kWarps doubles.
+template <typename A>
+__device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  if (lane == 0) smem[warp] = static_cast<double>(v);
+  __syncthreads();
+  v = lane < kWarps ? static_cast<A>(smem[lane]) : identity<A>(k);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  return v;
+}
+
+template <NormKind K, typename T, typename A>
+__device__ __forceinline__ A fold_vec(A acc, const uint4& raw, A p) {
+  T e[kVec<T>];
+  memcpy(e, &raw, 16);
+#pragma unroll
+  for (int j = 0; j < kVec<T>; ++j) acc = accumulate<K>(acc, widen(e[j]), p);
+  return acc;
+}
+
+// This thread's share of one chunk: a scalar head up to 16-byte alignment, 16-byte vectors, a scalar tail.
+template <NormKind K, typename T>
+__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p) {
+  using A = typename Acc<T>::type;
+  constexpr int V = kVec<T>;
+  const int tid = threadIdx.x;
+  A acc = identity<A>(K);
+  const int64_t head = head_elems(x, n);
+  if (tid < head) acc = accumulate<K>(acc, widen(x[tid]), p);
+  const uint4* v = reinterpret_cast<const uint4*>(x + head);
+  const int64_t nv = (n - head) / V;
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) acc = fold_vec<K, T>(acc, r[u], p);
+  }
+  for (; i < nv; i += kThreads) acc = fold_vec<K, T>(acc, v[i], p);
+  const int64_t tail = head + nv * V;
+  if (tail + tid < n) acc = accumulate<K>(acc, widen(x[tail + tid]), p);
+  return acc;
+}
+
+template <NormKind K, typename T>
+__device__ __forceinline__ double chunk_partial_t(const ChunkRef& c, double p, double* smem) {
+  using A = typename Acc<T>::type;
+  const A pa = static_cast<A>(p);
+  return static_cast<double>(block_combine(K, thread_partial<K>(static_cast<const T*>(c.data), c.size, pa), smem));
+}
+
+// One chunk's partial, in double (reduced in float, or double for double).
+template <NormKind K>
+__device__ __forceinline__ double chunk_partial(const ChunkRef& c, double p, double* smem) {
+  switch (c.dtype) {
+    case DType::F32: return chunk_partial_t<K, float>(c, p, smem);
+    case DType::F16: return chunk_partial_t<K, c10::Half>(c, p, smem);
+    case DType::BF16: return chunk_partial_t<K, c10::BFloat16>(c, p, smem);
+    default: return chunk_partial_t<K, double>(c, p, smem);
+  }
+}
+
+// x[i] = f(x[i]) over one chunk with the block's threads, in the accumulation type, 16 bytes at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, F f) {
+  constexpr int V = kVec<T>;
+  const int tid = threadIdx.x;
+  const int64_t head = head_elems(x, n);
+  if (tid < head) x[tid] = T(f(widen(x[tid])));
+  uint4* v = reinterpret_cast<uint4*>(x + head);
+  const int64_t nv = (n - head) / V;
+  int64_t i = tid;
+  for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      T e[V];
+      memcpy(e, &r[u], 16);
+#pragma unroll
+      for (int j = 0; j < V; ++j) e[j] = T(f(widen(e[j])));
+      memcpy(&r[u], e, 16);
+      v[i + u * kThreads] = r[u];
+    }
+  }
+  for (; i < nv; i += kThreads) {
+    T e[V];
+    uint4 r = v[i];
+    memcpy(e, &r, 16);
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = T(f(widen(e[j])));
+    memcpy(&r, e, 16);
+    v[i] = r;
+  }
+  const int64_t tail = head + nv * V;
+  if (tail + tid < n) x[tail + tid] = T(f(widen(x[tail + tid])));
+}
+
+__device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef) {
+  const float m = static_cast<float>(coef);
+  switch (c.dtype) {
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, [m](float v) { return v * m; });
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, [m](float v) { return v * m; });
+    case DType::BF16:
+      return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, [m](float v) { return v * m; });
+    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [coef](double v) { return v * coef; });
+  }
+}
+
+__device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v) {
+  const float lo = static_cast<float>(-v), hi = static_cast<float>(v);
+  auto f = [lo, hi](float y) { return clamp_value(y, lo, hi); };
+  switch (c.dtype) {
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, f);
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, f);
+    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, f);
+    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [v](double y) { return clamp_value(y, -v, v); });
+  }
+}
+
+__device__ __forceinline__ void store_as(void* out, DType dt, int64_t i, double v) {
+  switch (dt) {
+    case DType::F32: static_cast<float*>(out)[i] = static_cast<float>(v); break;
+    case DType::F16: static_cast<c10::Half*>(out)[i] = c10::Half(static_cast<float>(v)); break;
+    case DType::BF16: static_cast<c10::BFloat16*>(out)[i] = c10::BFloat16(static_cast<float>(v)); break;
+    default: static_cast<double*>(out)[i] = v; break;
+  }
+}
+
+__device__ __forceinline__ double load_as(const void* in, DType dt) {
+  switch (dt) {
+    case DType::F32: return *static_cast<const float*>(in);
+    case DType::F16: return static_cast<float>(*static_cast<const c10::Half*>(in));
+    case DType::BF16: return static_cast<float>(*static_cast<const c10::BFloat16*>(in));
+    default: return *static_cast<const double*>(in);
+  }
+}
+
+// ---- kernels ----
+
+struct NormArgs {
+  double p;
+  double* partials;         // plan-wide, one per chunk
+  double* tensor_partials;  // plan-wide, one per tensor (when tensor_values)
+  double* total_acc;        // the unrounded total, read by the scale pass of a clip
+  void* total_out;          // 0-d, out_dtype
+  void* per_tensor_out;     // one per tensor, out_dtype; nullptr when not asked for
+  int64_t plan_chunks;
+  int32_t plan_tensors;
+  int32_t ticket;           // slot in g_tickets
+  DType out_dtype;
+  bool tensor_values;       // combine partials per tensor (per-tensor norms asked for, or p = 0)
+};
+
+struct CoefArgs {
+  const void* total;  // 0-d, total_dtype
+  double max_norm;
+  DType total_dtype;
+  bool f64;           // the coefficient in double (else float)
+};
+
+__device__ __forceinline__ double coefficient(const CoefArgs& c) {
+  return coef_for(load_as(c.total, c.total_dtype), c.f64, c.max_norm);
+}
+
+// The total over every chunk (or, for p = 0, every tensor) of the plan, in a fixed order; every thread gets it.
+template <NormKind K>
+__device__ double plan_total(const NormArgs& a, double* smem) {
+  double acc = identity<double>(K);
+  if constexpr (K == NormKind::L0) {
+    for (int64_t t = threadIdx.x; t < a.plan_tensors; t += kThreads)
+      acc += tensor_to_total(K, __ldcg(a.tensor_partials + t));
+  } else {
+    for (int64_t i = threadIdx.x; i < a.plan_chunks; i += kThreads) acc = combine(K, acc, __ldcg(a.partials + i));
+  }
+  return finalize(K, block_combine(K, acc, smem), a.p);
+}
+
+// Run by the last block of a launch: per-tensor values of this launch's tensors (a warp per tensor), then, on the
+// plan's last launch, the total.
+template <NormKind K>
+__device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormArgs& a, double* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (a.tensor_values) {
+    for (int t = warp; t < h.n_tensors; t += kWarps) {
+      const double* first = a.partials + h.chunk_base + slot_first_chunk(slots[t]);
+      const int64_t n = chunks_of(slot_numel(slots[t]), kCudaChunk);
+      double acc = identity<double>(K);
+      for (int64_t i = lane; i < n; i += 32) acc = combine(K, acc, __ldcg(first + i));
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc = combine(K, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      if (lane == 0) {
+        a.tensor_partials[h.tensor_base + t] = acc;
+        if (a.per_tensor_out) store_as(a.per_tensor_out, a.out_dtype, h.tensor_base + t, finalize(K, acc, a.p));
+      }
+    }
+    __syncthreads();
+  }
+  if (!h.last) return;
+  const double total = plan_total<K>(a, smem);
+  if (threadIdx.x == 0) {
+    *a.total_acc = total;
+    store_as(a.total_out, a.out_dtype, 0, total);
+  }
+}
+
+// One block per chunk; the last block to finish (ticket) finishes the launch.
+template <NormKind K, int N>
+__global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
+  __shared__ double smem[kWarps];
+  __shared__ bool last_block;
+  const int32_t k = static_cast<int32_t>(blockIdx.x);
+  if (k < tab.h.n_chunks) {
+    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    if (threadIdx.x == 0) a.partials[tab.h.chunk_base + k] = part;
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's partial is visible before its ticket is
+    last_block = atomicAdd(&g_tickets[a.ticket], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+  if (threadIdx.x == 0) g_tickets[a.ticket] = 0;
+  finish_norm<K>(tab.h, tab.slots, a, smem);
+}
+
+template <int N>
+__global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
+  const double coef = coefficient(c);
+  if (coef == 1.0) return;  // nothing to write
+  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
+  if (!chunk.skip_writes) scale_chunk(chunk, coef);
+}
+
+template <int N>
+__global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
+  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
+  if (!chunk.skip_writes) clamp_chunk(chunk, v);
+}
+
+// The whole clip in one cooperative launch: each block reduces chunks blockIdx.x, + gridDim.x, ...; the grid meets
+// at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
+// first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
+template <NormKind K, int N>
+__global__ void __launch_bounds__(kThreads) fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a,
+                                                              const double max_norm, const bool f64) {
+  __shared__ double smem[kWarps];
+  const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
+  for (int32_t k = b; k < n; k += g) {
+    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    if (threadIdx.x == 0) a.partials[k] = part;
+  }
+  cooperative_groups::this_grid().sync();
+  const double total = plan_total<K>(a, smem);
+  if (b == 0 && threadIdx.x == 0) {
+    *a.total_acc = total;
+    store_as(a.total_out, a.out_dtype, 0, total);
+  }
+  const double coef = coef_for(total, f64, max_norm);
+  if (coef == 1.0 || b >= n) return;
+  for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g) {
+    const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk);
+    if (!chunk.skip_writes) scale_chunk(chunk, coef);
+  }
+}
+
+// ---- host side ----
+
+thread_local CudaCallInfo t_info;
+
+template <int N>
+const void* norm_fn(NormKind k) {
+  switch (k) {
+    case NormKind::L2: return reinterpret_cast<const void*>(norm_kernel<NormKind::L2, N>);
+    case NormKind::L1: return reinterpret_cast<const void*>(norm_kernel<NormKind::L1, N>);
+    case NormKind::Inf: return reinterpret_cast<const void*>(norm_kernel<NormKind::Inf, N>);
+    case NormKind::NegInf: return reinterpret_cast<const void*>(norm_kernel<NormKind::NegInf, N>);
+    case NormKind::L0: return reinterpret_cast<const void*>(norm_kernel<NormKind::L0, N>);
+    default: return reinterpret_cast<const void*>(norm_kernel<NormKind::General, N>);
+  }
+}
+
+template <int N>
+const void* fused_fn(NormKind k) {
+  switch (k) {
+    case NormKind::L2: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L2, N>);
+    case NormKind::L1: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L1, N>);
+    case NormKind::Inf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::Inf, N>);
+    case NormKind::NegInf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::NegInf, N>);
+    default: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::General, N>);  // never L0
+  }
+}
+
+const void* pick(int capacity, const void* small, const void* large) { return capacity == kSmallSlots ? small : large; }
+
+struct DeviceInfo {
+  int sms = 0;
+  int64_t l2_bytes = 0;
+  bool cooperative = false;
+};
+
+const DeviceInfo& device_info(int dev) {
+  static std::mutex m;
+  static std::map<int, DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(m);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  DeviceInfo d;
+  int v = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrL2CacheSize, dev));
+  d.l2_bytes = v;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, cudaDevAttrCooperativeLaunch, dev));
+  d.cooperative = v != 0;
+  return cache.emplace(dev, d).first->second;
+}
+
+// Resident blocks per SM of a kernel (for the cooperative grid), cached.
+int blocks_per_sm(const void* fn, int dev) {
+  static std::mutex m;
+  static std::map<std::pair<const void*, int>, int> cache;
+  std::lock_guard<std::mutex> lock(m);
+  auto it = cache.find({fn, dev});
+  if (it != cache.end()) return it->second;
+  int nb = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, fn, kThreads, 0));
+  return cache.emplace(std::make_pair(fn, dev), nb).first->second;
+}
+
+// Sets whose bytes are at most this take the fused single launch: 80% of L2 unless GRADCLIP_CUDA_FUSED_MAX_BYTES says
+// otherwise (0 turns the fused path off).
+int64_t fused_max_bytes(const DeviceInfo& d) {
+  static const char* env = std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES");
+  return env ? std::atoll(env) : d.l2_bytes / 5 * 4;
+}
+
+// Each stream gets its own ticket slot, so kernels on concurrent streams never share one.
+int32_t ticket_slot(int dev, cudaStream_t stream) {
+  static std::mutex m;
+  static std::map<std::pair<int, cudaStream_t>, int32_t> slots;
+  static int32_t next = 0;
+  std::lock_guard<std::mutex> lock(m);
+  auto [it, inserted] = slots.try_emplace({dev, stream}, next);
+  if (inserted) next = (next + 1) % kTicketSlots;
+  return it->second;
+}
+
+// The launch tables of a plan, built in the layout the kernels take (Table<capacity>), cached per thread and reused
+// while the tensors (data pointers, sizes, dtypes) are the ones of the last call.
+struct Launches {
+  int device = -1;
+  std::vector<TensorRef> key;
+  int capacity = kSmallSlots;
+  std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity>
+  std::vector<int32_t> n_chunks;              // per launch
+  int64_t plan_chunks = 0;
+  int64_t bytes = 0;
+};
+
+bool same_tensors(const std::vector<TensorRef>& a, const std::vector<TensorRef>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i].data != b[i].data || a[i].numel != b[i].numel || a[i].dtype != b[i].dtype) return false;
+  return true;
+}
+
+template <int N>
+std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
+  std::vector<uint64_t> words(sizeof(Table<N>) / sizeof(uint64_t), 0);
+  auto* t = reinterpret_cast<Table<N>*>(words.data());
+  t->h = l.h;
+  std::copy(l.slots.begin(), l.slots.end(), t->slots);
+  return words;
+}
+
+const Launches& launches_for(const Plan& plan, int dev) {
+  thread_local Launches cache;
+  if (plan.copies.empty() && cache.device == dev && same_tensors(cache.key, plan.tensors)) {
+    t_info.cached = true;
+    return cache;
+  }
+  const int capacity = plan.tensors.size() <= size_t(kSmallSlots) ? kSmallSlots : kLargeSlots;
+  const std::vector<LaunchSpec> specs = build_launches(plan.tensors, repeated_tensors(plan), kCudaChunk, capacity);
+  cache.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
+  cache.key = plan.tensors;
+  cache.capacity = capacity;
+  cache.tables.clear();
+  cache.n_chunks.clear();
+  for (const LaunchSpec& l : specs) {
+    cache.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
+    cache.n_chunks.push_back(l.h.n_chunks);
+  }
+  cache.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
+  cache.bytes = 0;
+  for (const TensorRef& t : plan.tensors) cache.bytes += t.numel * dtype_size(t.dtype);
+  return cache;
+}
+
+void launch(const void* fn, int32_t blocks, void** args, cudaStream_t stream) {
+  C10_CUDA_CHECK(cudaLaunchKernel(fn, dim3(blocks > 0 ? blocks : 1), dim3(kThreads), args, 0, stream));
+  t_info.launches += 1;
+}
+
+// Everything a call needs: the plan (checked), its launch tables, the device, the stream.
+struct Call {
+  c10::cuda::CUDAGuard guard;
+  Plan plan;
+  cudaStream_t stream;
+  int dev;
+  const Launches* launches;
+  at::TensorOptions opts;
+
+  static const at::Tensor& first(at::TensorList xs) {
+    TORCH_CHECK(!xs.empty(), "gradclip_cuda: expected at least one tensor");
+    return xs[0];
+  }
+
+  Call(at::TensorList xs, const PlanCheck& check)
+      : guard(first(xs).device()), plan(make_plan(xs, 0, check)) {
+    t_info = {};
+    dev = xs[0].device().index();
+    stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+    launches = &launches_for(plan, dev);
+    opts = at::TensorOptions().device(xs[0].device());
+  }
+};
+
+struct NormOut {
+  at::Tensor total, per_tensor, scratch;
+  double* total_acc;
+};
+
+NormOut launch_norm(Call& c, double p, bool per_tensor) {
+  const Launches& L = *c.launches;
+  const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
+  NormOut o;
+  o.scratch = at::empty({L.plan_chunks + nt + 1}, c.opts.dtype(at::kDouble));
+  o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
+  o.per_tensor = at::empty({per_tensor ? nt : 0}, c.opts.dtype(c.plan.result_dtype));
+  double* s = o.scratch.data_ptr<double>();
+  o.total_acc = s + L.plan_chunks + nt;
+  const NormKind k = norm_kind(p);
+  NormArgs a{p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
+             L.plan_chunks, static_cast<int32_t>(nt), ticket_slot(c.dev, c.stream),
+             dtype_of(c.plan.result_dtype), per_tensor || k == NormKind::L0};
+  const void* fn = pick(L.capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k));
+  for (size_t i = 0; i < L.tables.size(); ++i) {
+    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &a};
+    launch(fn, L.n_chunks[i], args, c.stream);
+  }
+  return o;
+}
+
+void launch_scale(Call& c, const CoefArgs& coef) {
+  const Launches& L = *c.launches;
+  const void* fn = pick(L.capacity, reinterpret_cast<const void*>(scale_kernel<kSmallSlots>),
+                        reinterpret_cast<const void*>(scale_kernel<kLargeSlots>));
+  CoefArgs a = coef;
+  for (size_t i = 0; i < L.tables.size(); ++i) {
+    if (L.n_chunks[i] == 0) continue;
+    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &a};
+    launch(fn, L.n_chunks[i], args, c.stream);
+  }
+}
+
+// The fused single launch, when the set fits in L2, fits one launch, and the device co-schedules the grid.
+bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
+  const Launches& L = *c.launches;
+  const NormKind k = norm_kind(p);
+  const DeviceInfo& d = device_info(c.dev);
+  if (L.tables.size() != 1 || k == NormKind::L0 || L.plan_chunks == 0 || !d.cooperative ||
+      L.bytes > fused_max_bytes(d))
+    return false;
+  const void* fn = pick(L.capacity, fused_fn<kSmallSlots>(k), fused_fn<kLargeSlots>(k));
+  const int resident = blocks_per_sm(fn, c.dev) * d.sms;
+  if (resident <= 0) return false;
+  const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
+  o.scratch = at::empty({L.plan_chunks + 1}, c.opts.dtype(at::kDouble));
+  o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
+  double* s = o.scratch.data_ptr<double>();
+  o.total_acc = s + L.plan_chunks;
+  NormArgs a{p, s, nullptr, o.total_acc, o.total.data_ptr(), nullptr, L.plan_chunks, static_cast<int32_t>(nt), 0,
+             dtype_of(c.plan.result_dtype), false};
+  bool f64 = c.plan.any_f64;
+  void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
+  const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream));
+  t_info.launches += 1;
+  t_info.fused = true;
+  return true;
+}
+
+}  // namespace
+
+CudaCallInfo last_cuda_call() { return t_info; }
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, double p, bool per_tensor) {
+  Call c(xs, {true, p});
+  NormOut o = launch_norm(c, p, per_tensor);
+  return {o.total, o.per_tensor};
+}
+
+void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm) {
+  TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
+  Call c(xs, {});
+  if (c.launches->plan_chunks == 0) return;
+  at::Tensor t = total.to(xs[0].device());  // no copy when it is there already
+  const auto st = t.scalar_type();
+  if (st != at::kFloat && st != at::kDouble && st != at::kHalf && st != at::kBFloat16) t = t.to(at::kDouble);
+  const DType dt = dtype_of(t.scalar_type());
+  launch_scale(c, {t.data_ptr(), max_norm, dt, dt == DType::F64});
+  finish_writes(c.plan);
+  bump_versions(xs);
+}
+
+at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
+  Call c(xs, {true, p});
+  NormOut o;
+  if (!try_fused(c, p, max_norm, o)) {
+    o = launch_norm(c, p, false);
+    if (c.launches->plan_chunks > 0) launch_scale(c, {o.total_acc, max_norm, DType::F64, c.plan.any_f64});
+  }
+  finish_writes(c.plan);
+  bump_versions(xs);
+  return o.total;
+}
+
+void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
+  Call c(xs, {});
+  const Launches& L = *c.launches;
+  const void* fn = pick(L.capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
+                        reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>));
+  for (size_t i = 0; i < L.tables.size(); ++i) {
+    if (L.n_chunks[i] == 0) continue;
+    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &clip_value};
+    launch(fn, L.n_chunks[i], args, c.stream);
+  }
+  finish_writes(c.plan);
+  bump_versions(xs);
+}
+
+}  // namespace gradclip

@@ -1,0 +1,24 @@
+// CUDA implementations of the gradclip_cuda ops (schemas: gradclip_cuda/_ops.py). Same contracts as csrc/cpu/.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace gradclip {
+
+std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, double p, bool per_tensor);
+void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm);
+at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p);
+void clip_grad_value_cuda(at::TensorList xs, double clip_value);
+
+// What the last call on this thread did: kernel launches, whether it took the fused single launch, whether its
+// launch tables came from the cache. For tests and the benchmark.
+struct CudaCallInfo {
+  int launches = 0;
+  bool fused = false;
+  bool cached = false;
+};
+CudaCallInfo last_cuda_call();
+
+}  // namespace gradclip
