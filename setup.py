@@ -1,9 +1,9 @@
 """Builds gradclip_cuda._C from csrc/ with torch's cpp_extension (ninja).
 
 Switches (environment): GRADCLIP_CPU_ONLY=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST picks the GPU
-architectures (torch's default list when unset); MAX_JOBS bounds parallel compile jobs (read by torch).
-CUDA sources are compiled when torch was built with CUDA and a toolkit is found (CUDA_HOME), whether or not a
-GPU is visible.
+architectures (default "8.0;9.0+PTX": A100, H100, and PTX that later GPUs compile at load); MAX_JOBS bounds
+parallel compile jobs (read by torch). CUDA sources are compiled when torch was built with CUDA and a toolkit
+(12.1 or newer) is found (CUDA_HOME), whether or not a GPU is visible.
 """
 import glob
 import os
@@ -20,6 +20,7 @@ with_cuda = bool(cuda_sources) and os.environ.get("GRADCLIP_CPU_ONLY") != "1" \
 # torch picks the C++ standard. -fopenmp: at::parallel_for runs its OpenMP loop inline, so without it the CPU
 # kernels would run on one thread.
 flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--Werror", "all-warnings"]}
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 Extension = cpp.CUDAExtension if with_cuda else cpp.CppExtension
 ext = Extension(
     "gradclip_cuda._C",

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/launch.h"
+#include "common/plan.h"
 #include "cpu/clip_cpu.h"
 #ifdef GRADCLIP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -158,6 +159,24 @@ py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int
   return out;
 }
 
+// What identifies a set of tensors for the Triton path's cached chunk table: each tensor's address, size and dtype,
+// and the device. Runs the plan's checks (torch's errors) on the way, so a bad list raises before any kernel runs.
+py::bytes tensor_key(const std::vector<at::Tensor>& xs, bool norm, double p) {
+  const Plan plan = make_plan(xs, 0, {norm, p});
+  std::string key;
+  key.reserve(plan.tensors.size() * 17 + 2);
+  for (const TensorRef& t : plan.tensors) {
+    key.append(reinterpret_cast<const char*>(&t.data), sizeof(t.data));
+    key.append(reinterpret_cast<const char*>(&t.numel), sizeof(t.numel));
+    key.push_back(static_cast<char>(t.dtype));
+  }
+  if (!xs.empty()) {
+    key.push_back(static_cast<char>(xs[0].device().type()));
+    key.push_back(static_cast<char>(xs[0].device().index()));
+  }
+  return py::bytes(key);
+}
+
 py::dict last_cuda_call_info() {
   py::dict d;
 #ifdef GRADCLIP_WITH_CUDA
@@ -179,6 +198,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none());
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
         py::arg("chunk_elems"), py::arg("capacity"));
+  m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
   m.attr("CUDA_CHUNK") = gradclip::kCudaChunk;
   m.attr("TABLE_SLOTS") = py::make_tuple(gradclip::kSmallSlots, gradclip::kLargeSlots);

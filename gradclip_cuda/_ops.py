@@ -65,12 +65,17 @@ def _check_nonempty(xs, p: float) -> None:
 
 # ---- pure-PyTorch default kernels (any device, no compiled library, no host sync on CUDA) ----
 
-def _per_tensor_norms(xs, p: float) -> torch.Tensor:
-    """Each tensor's p-norm, in float32 (float64 for float64 tensors), in the order of ``xs``, as one float64 vector."""
+def check_tensors(xs, p: float) -> None:
+    """The errors torch raises for a norm of order p of xs: integer tensors, and empty ones where p has no identity."""
     _check_nonempty(xs, p)
     for x in xs:
         if not (x.is_floating_point() or x.is_complex()):
             raise RuntimeError(f"linalg.vector_norm: Expected a floating point or complex tensor as input. Got {x.dtype}")
+
+
+def _per_tensor_norms(xs, p: float) -> torch.Tensor:
+    """Each tensor's p-norm, in float32 (float64 for float64 tensors), in the order of ``xs``, as one float64 vector."""
+    check_tensors(xs, p)
     xs = [x.abs() if x.is_complex() else x for x in xs]
     by_acc: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(xs):

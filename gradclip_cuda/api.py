@@ -4,8 +4,9 @@ clip_grads_with_norm_: same signatures, defaults, return values, errors and warn
 ``norm_type``, a NaN or negative ``clip_value``) raise ``ValueError`` before any gradient is touched.
 
 Each function validates its arguments, collects the gradients, groups them by device, picks an implementation
-per device, and calls one op per device (gradclip_cuda/_ops.py). On the CPU with the compiled library, the whole
-call, `.grad` reading included, runs in C++ (``_C.cpu_fast``): no Python loop over tensors.
+per device, and calls one op per device (gradclip_cuda/_ops.py). With the compiled library, when every gradient is
+on one CPU or CUDA device, the whole call, `.grad` reading included, runs in C++ (``_C.fast``): no Python loop
+over tensors.
 
 ``foreach`` is accepted for compatibility: ``foreach=True`` on a device without torch's foreach support raises
 torch's error; otherwise our kernels are fused whatever its value.
@@ -26,20 +27,45 @@ from ._ops import ops
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
            "available_backends", "BACKENDS"]
 
-BACKENDS = ("auto", "cpu", "torch")
-"""auto: the compiled kernels where they exist for the device (CPU), else the pure-PyTorch kernels.
-cpu: the compiled CPU kernels (CPU tensors only). torch: the pure-PyTorch kernels, on any device."""
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+"""auto: per device, the compiled kernels where the library has them (CPU; CUDA when built with CUDA), else the
+Triton kernels on a CUDA device when Triton imports, else the pure-PyTorch kernels (README: "Backends").
+cpu: the compiled CPU kernels (CPU tensors only). cuda: the compiled CUDA kernels (CUDA tensors only).
+triton: the Triton kernels (gradclip_cuda/triton; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+torch: the pure-PyTorch kernels, on any device."""
 
 _Impl = namedtuple("_Impl", "norm scale clip value")
 _OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_, ops.clip_grad_value_)
 _TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_)
 _COMPILED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-_NORM, _SCALE, _CLIP, _VALUE = 0, 1, 2, 3  # operations of _C.cpu_fast
+_NORM, _SCALE, _CLIP, _VALUE = 0, 1, 2, 3  # operations of _C.fast
+_CPU, _CUDA = 1, 2  # device types of _C.fast
+
+
+def _cuda_compiled() -> bool:
+    return _ops.C is not None and _ops.BUILD.get("cuda") is not None
+
+
+def _triton():
+    """The Triton implementation, or None when Triton does not import."""
+    try:
+        from . import triton as t
+    except ImportError:
+        return None
+    return _Impl(t.multi_tensor_norm, t.multi_tensor_scale_, t.clip_grad_norm_, t.clip_grad_value_)
 
 
 def available_backends() -> tuple[str, ...]:
     """The backends usable here, "auto" first."""
-    return ("auto",) + (("cpu",) if _ops.C is not None else ()) + ("torch",)
+    cuda = torch.cuda.is_available()
+    triton_ok = _triton() is not None and (cuda or _triton_interpreted())
+    return (("auto",) + (("cpu",) if _ops.C is not None else ()) + (("cuda",) if cuda and _cuda_compiled() else ())
+            + (("triton",) if triton_ok else ()) + ("torch",))
+
+
+def _triton_interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---- argument handling ----
@@ -79,18 +105,38 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cpu" and _ops.C is None:
         raise RuntimeError(f"backend='cpu' needs the compiled library: {_ops.WHY_NOT_COMPILED}")
+    if backend == "cuda" and not _cuda_compiled():
+        why = _ops.WHY_NOT_COMPILED or "it was built without CUDA"
+        raise RuntimeError(f"backend='cuda' needs the compiled library with its CUDA kernels: {why}")
+    if backend == "triton" and _triton() is None:
+        raise RuntimeError("backend='triton' needs Triton (pip install triton)")
 
 
-def _fast(backend: str) -> bool:
-    return backend != "torch" and _ops.C is not None and not torch.compiler.is_compiling()
+def _fast(backend: str) -> int:
+    """The device types (_CPU | _CUDA) whose calls may take _C.fast; 0 for none."""
+    if _ops.C is None or torch.compiler.is_compiling():
+        return 0
+    cuda = _CUDA if _cuda_compiled() else 0
+    return {"auto": _CPU | cuda, "cpu": _CPU, "cuda": cuda}.get(backend, 0)
 
 
 # ---- grouping by device ----
 
+def _impl_for(device: torch.device, ts, backend: str) -> _Impl:
+    if backend in ("cpu", "cuda") and device.type != backend:
+        raise ValueError(f"backend='{backend}' takes {backend.upper()} tensors, got tensors on {device}")
+    if backend == "torch" or not (backend in ("cpu", "cuda") or all(t.dtype in _COMPILED_DTYPES for t in ts)):
+        return _TORCH
+    if backend == "triton" or (backend == "auto" and device.type == "cuda" and not _cuda_compiled()
+                               and _triton() is not None):
+        return _triton()
+    return _OPS  # the dispatcher takes the compiled kernel of the device, or the pure-PyTorch one
+
+
 def _groups(tensors, foreach, backend: str) -> dict:
     """device -> (implementation, tensors on it), in order of first appearance. Raises, before anything is written,
-    on a sparse tensor, on foreach=True for a device without foreach support, and on backend='cpu' for another
-    device."""
+    on a sparse tensor, on foreach=True for a device without foreach support, and on backend='cpu' or 'cuda' for
+    another device."""
     by_device: dict = {}
     for t in tensors:
         by_device.setdefault(t.device, []).append(t)
@@ -98,14 +144,11 @@ def _groups(tensors, foreach, backend: str) -> dict:
     for device, ts in by_device.items():
         if foreach and not _device_has_foreach_support(device):
             raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
-        if backend == "cpu" and device.type != "cpu":
-            raise ValueError(f"backend='cpu' takes CPU tensors, got tensors on {device}")
         for t in ts:
             if t.layout != torch.strided:
                 raise RuntimeError(f"gradclip_cuda: a gradient has layout {t.layout}; sparse gradients are not "
                                    "supported, call .to_dense() on them first")
-        compiled = backend != "torch" and (backend == "cpu" or all(t.dtype in _COMPILED_DTYPES for t in ts))
-        out[device] = (_OPS if compiled else _TORCH, ts)
+        out[device] = (_impl_for(device, ts, backend), ts)
     return out
 
 
@@ -143,7 +186,8 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
     tensors = _as_list(tensors)
     p = _norm_type(norm_type)
     _check_backend(backend)
-    total = _ops.C.cpu_fast(tensors, False, _NORM, p) if _fast(backend) else None
+    devices = _fast(backend)
+    total = _ops.C.fast(tensors, False, devices, _NORM, p) if devices else None
     if total is None:
         if len(tensors) == 0:
             return torch.tensor(0.0)
@@ -162,8 +206,8 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     max_norm = _max_norm(max_norm)
     _check_backend(backend)
     total = total_norm if isinstance(total_norm, torch.Tensor) else torch.as_tensor(float(total_norm))
-    if _fast(backend) and total.device.type == "cpu" and \
-            _ops.C.cpu_fast(params, True, _SCALE, max_norm, 0.0, total) is not None:
+    devices = _fast(backend)
+    if devices and _ops.C.fast(params, True, devices, _SCALE, max_norm, 0.0, total) is not None:
         return
     with torch.no_grad():
         grads = [p.grad for p in params if p.grad is not None]
@@ -179,8 +223,9 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     max_norm = _max_norm(max_norm)
     p = _norm_type(norm_type)
     _check_backend(backend)
-    if _fast(backend) and not error_if_nonfinite:
-        total = _ops.C.cpu_fast(params, True, _CLIP, max_norm, p)
+    devices = _fast(backend)
+    if devices and not error_if_nonfinite:
+        total = _ops.C.fast(params, True, devices, _CLIP, max_norm, p)
         if total is not None:
             return total
     with torch.no_grad():
@@ -203,7 +248,8 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: st
     params = _as_list(parameters)
     v = _number("clip_value", clip_value, allow_negative=False, what="a non-negative number")
     _check_backend(backend)
-    if _fast(backend) and _ops.C.cpu_fast(params, True, _VALUE, v) is not None:
+    devices = _fast(backend)
+    if devices and _ops.C.fast(params, True, devices, _VALUE, v) is not None:
         return
     with torch.no_grad():
         grads = [g.grad for g in params if g.grad is not None]

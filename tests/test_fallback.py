@@ -54,7 +54,8 @@ def _probe(prelude="", env=None):
 
 
 def _works_on_pytorch_kernels(r):
-    assert r["backends"] == ["auto", "torch"] and not r["info"]["compiled"] and not r["cpu_kernel"]
+    assert [b for b in r["backends"] if b != "triton"] == ["auto", "torch"]  # triton: it needs no compiled library
+    assert not r["info"]["compiled"] and not r["cpu_kernel"]
     assert r["total_err"] < 1e-4 and r["grads_err"] < 1e-4  # torch rounds the bf16 norm to bf16
     assert "needs the compiled library" in r["cpu_backend"]
 

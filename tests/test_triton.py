@@ -1,0 +1,143 @@
+"""The Triton backend against torch and a float64 reference. On the CPU its kernels run under TRITON_INTERPRET=1
+(set here before Triton is imported: slow, exact), on small sets; on a GPU they compile. torch.compile and CUDA-graph
+tests of this path need a GPU."""
+import math
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+import gradclip_cuda as gc  # noqa: E402
+from conftest import (RTOL, assert_close_rel, clone_params, make_grads, ref_coef, ref_total, requires_gpu,  # noqa: E402
+                      total_rtol)
+from gradclip_cuda import _ops  # noqa: E402
+from gradclip_cuda import triton as gt  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="Triton on the CPU needs TRITON_INTERPRET=1 before triton is imported")
+
+# Odd sizes, 0-d, empty, and both sides of the chunk (65536 elements); small enough for the interpreter.
+SHAPES = [(), (1,), (7,), (33, 5), (2049,), (65_535,), (65_537,)]
+MIXED = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+DTYPE_SETS = [[torch.float32], [torch.bfloat16], [torch.float64], MIXED]
+
+
+def _shapes(p):
+    return SHAPES if (math.isinf(p) or p < 0) else SHAPES + [(0,), (3, 0)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=lambda d: "+".join(str(x)[6:] for x in d))
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, -math.inf, 0.0, 3.0, -1.5])
+def test_total_norm(p, dtypes):
+    xs = make_grads(_shapes(p), dtypes, DEVICE, seed=1, params=False)
+    ours = gc.get_total_norm(xs, p, backend="triton")
+    theirs = torch.nn.utils.get_total_norm(xs, p)
+    assert ours.dtype == theirs.dtype and ours.device == theirs.device and ours.shape == ()
+    if p == 0:
+        assert float(ours) == float(ref_total(xs, p)) == float(theirs)
+    else:
+        assert_close_rel(ours, ref_total(xs, p), total_rtol(xs, ours.dtype))
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_SETS, ids=lambda d: "+".join(str(x)[6:] for x in d))
+@pytest.mark.parametrize("clipped", [True, False])
+def test_clip_grad_norm(dtypes, clipped):
+    params = make_grads(SHAPES + [(0,)], dtypes, DEVICE, seed=2)
+    grads = [q.grad for q in params]
+    total64 = ref_total(grads, 2.0)
+    max_norm = float(total64) * (0.3 if clipped else 2.0)
+    before = [g.clone() for g in grads]
+    coef = ref_coef(total64, max_norm)
+    total = gc.clip_grad_norm_(params, max_norm, backend="triton")
+    assert_close_rel(total, total64, total_rtol(grads, total.dtype))
+    for q, b in zip(params, before):
+        if not clipped:
+            assert torch.equal(q.grad, b)  # coefficient 1: nothing written
+        else:
+            rtol = max(RTOL[q.grad.dtype], total_rtol(grads, total.dtype)) * 2  # the coefficient carries the total's
+            torch.testing.assert_close(q.grad.double(), b.double() * coef, rtol=rtol, atol=1e-30)
+
+
+def test_float32_clip_is_bitwise_torch_given_the_same_total():
+    params = make_grads([(1000,), (65_537,)], [torch.float32], DEVICE, seed=3)
+    theirs = clone_params(params)
+    total = gc.clip_grad_norm_(params, 0.5, backend="triton")
+    torch.nn.utils.clip_grads_with_norm_(theirs, 0.5, total)
+    for a, b in zip(params, theirs):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_per_tensor_norms_and_the_ops_directly():
+    xs = make_grads([(5,), (65_537,), (0,), (3, 3)], [torch.float32, torch.bfloat16], DEVICE, seed=4, params=False)
+    total, each = gt.multi_tensor_norm(xs, 2.0, True)
+    ref_total_, ref_each = _ops.norm_torch(xs, 2.0, True)
+    assert each.dtype == ref_each.dtype and each.shape == (4,)
+    torch.testing.assert_close(each.double(), ref_each.double(), rtol=1e-5, atol=0)
+    assert_close_rel(total, ref_total_, 1e-5)
+    assert torch.ops.gradclip_cuda.triton_clip_grad_norm_.default is not None
+
+
+def test_clip_grad_value_and_nonfinite():
+    params = make_grads([(7,), (2049,)], MIXED, DEVICE, seed=5, scale=3.0)
+    params[0].grad[0] = float("nan")
+    theirs = clone_params(params)
+    gc.clip_grad_value_(params, 1.25, backend="triton")
+    torch.nn.utils.clip_grad_value_(theirs, 1.25)
+    for a, b in zip(params, theirs):
+        assert torch.equal(a.grad, b.grad) or torch.allclose(a.grad, b.grad, equal_nan=True, rtol=0, atol=0)
+    nan_total = gc.get_total_norm([params[0].grad], math.inf, backend="triton")
+    assert math.isnan(float(nan_total))
+
+
+def test_noncontiguous_and_repeated_grads():
+    base = make_grads([(40, 30)], [torch.float32], DEVICE, seed=6, params=False)[0]
+    q = torch.nn.Parameter(torch.zeros(30, 40, device=DEVICE))
+    q.grad = base.t()  # dense, transposed
+    r = torch.nn.Parameter(torch.zeros(20, 15, device=DEVICE))
+    r.grad = make_grads([(20, 30)], [torch.float32], DEVICE, seed=7, params=False)[0][:, ::2]  # gapped
+    expected_total = ref_total([q.grad, r.grad, q.grad], 2.0)
+    before = [q.grad.clone(), r.grad.clone()]
+    total = gc.clip_grad_norm_([q, r, q], 0.1, backend="triton")  # q listed twice: counted twice, scaled once
+    assert_close_rel(total, expected_total, 1e-5)
+    coef = ref_coef(expected_total, 0.1)
+    torch.testing.assert_close(q.grad.double(), before[0].double() * coef, rtol=1e-5, atol=0)
+    torch.testing.assert_close(r.grad.double(), before[1].double() * coef, rtol=1e-5, atol=0)
+
+
+def test_table_is_cached_for_the_same_tensors():
+    xs = make_grads([(10,), (20,)], [torch.float32], DEVICE, seed=8, params=False)
+    gc.get_total_norm(xs, backend="triton")
+    table = gt._tables[xs[0].device][1]
+    gc.get_total_norm(xs, backend="triton")
+    assert gt._tables[xs[0].device][1] is table
+    gc.get_total_norm([xs[0], xs[1].clone()], backend="triton")
+    assert gt._tables[xs[0].device][1] is not table
+
+
+def test_errors_before_any_write():
+    xs = make_grads([(4,), (5,)], [torch.float32], DEVICE, seed=9, params=False)
+    before = [x.clone() for x in xs]
+    with pytest.raises(RuntimeError, match="Expected a floating point"):
+        gt.clip_grad_norm_(xs + [torch.arange(3, device=DEVICE)], 1e-3, 2.0)
+    with pytest.raises(RuntimeError, match="does not have an identity"):
+        gt.clip_grad_norm_(xs + [torch.ones(0, device=DEVICE)], 1e-3, math.inf)
+    for x, b in zip(xs, before):
+        assert torch.equal(x, b)
+
+
+@requires_gpu
+def test_triton_under_torch_compile_and_cuda_graphs():
+    params = make_grads([(1000,), (65_537,)], [torch.float32], "cuda", seed=10)
+    expected_total = ref_total([q.grad for q in params], 2.0)
+    total = torch.compile(lambda ps: gc.clip_grad_norm_(ps, 0.5, backend="triton"), fullgraph=True)(params)
+    assert_close_rel(total, expected_total, 1e-5)
+    gc.clip_grad_norm_(params, 0.5, backend="triton")  # warm-up: the table is cached before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        t = gc.clip_grad_norm_(params, 0.5, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert math.isfinite(float(t))
