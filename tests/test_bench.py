@@ -9,16 +9,35 @@ import bench.__main__ as harness  # noqa: E402
 
 
 def test_harness_runs_every_provider_and_writes_results(tmp_path):
-    rows = harness.main(["--device", "cpu", "--sets", "resnet50-fp32", "mixed-fp32-bf16-fp16", "--scale", "0.01",
+    rows = harness.main(["--device", "cpu", "--sets", "mixed-fp32-bf16-fp16", "--scale", "0.01",
                          "--repeats", "2", "--out", str(tmp_path)])
-    assert {r["provider"] for r in rows} == set(harness.PROVIDERS)
+    assert {r["provider"] for r in rows} == set(harness.default_providers("cpu", False))
+    assert {"torch-foreach", "torch-per-tensor", "torch-compile", "gradclip", "gradclip-pytorch"} <= \
+        {r["provider"] for r in rows}
     assert {r["regime"] for r in rows} == {"clipped", "unclipped"}
     for r in rows:
         assert "wrong" not in r, r
         assert r["median_ms"] > 0 and r["gbps"] > 0 and r["speedup"] > 0
     written = sorted(os.listdir(tmp_path))
-    assert len(written) == 2 and written[0].endswith(".json") and written[1].endswith(".md")
-    assert "| resnet50-fp32 | 161 |" in (tmp_path / written[1]).read_text()
+    assert [os.path.splitext(w)[1] for w in written] == [".json", ".md", ".png"]
+    assert "| mixed-fp32-bf16-fp16 |" in (tmp_path / written[1]).read_text()
+    assert (tmp_path / written[2]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_time_is_bounded_and_reported(monkeypatch):
+    import time
+    monkeypatch.setitem(harness.PROVIDERS, "torch-compile", lambda ps, m: time.sleep(5))
+    rows = harness.main(["--device", "cpu", "--sets", "2000-fp32", "--providers", "torch-compile", "--scale", "0.001",
+                         "--repeats", "1", "--compile-timeout", "1", "--no-save"])
+    compiled = [r for r in rows if r["provider"] == "torch-compile"]
+    assert len(compiled) == 2 and all(r["skipped"] == "did not compile in 1 s" for r in compiled)
+    assert all("median_ms" in r for r in rows if r["provider"] == "torch-foreach")
+
+
+def test_providers_that_cannot_run_here_are_reported_not_run():
+    rows = harness.main(["--device", "cpu", "--sets", "2000-fp32", "--providers", "gradclip-cuda", "--scale", "0.001",
+                         "--repeats", "1", "--no-save"])
+    assert all("skipped" in r for r in rows if r["provider"] == "gradclip-cuda")
 
 
 def test_a_provider_that_disagrees_with_torch_is_reported_not_timed(monkeypatch):

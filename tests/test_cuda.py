@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import gradclip_cuda as gc
+from bench.counters import device_ops
 from conftest import RTOL, assert_close_rel, clone_params, make_grads, ref_coef, ref_total, requires_gpu
 from gradclip_cuda import _ops
 
@@ -17,16 +18,6 @@ FUSED_ENV = "GRADCLIP_CUDA_FUSED_MAX_BYTES"
 @pytest.fixture
 def fused_off(monkeypatch):
     monkeypatch.setenv(FUSED_ENV, "0")
-
-
-def device_ops(fn):
-    """Kernels, copies and memsets that one call of fn puts on the GPU (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
 def _expected(params, max_norm, p=2.0):
