@@ -373,7 +373,8 @@ def main(argv=None):
     print(md)
     if not args.no_save:
         os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, f"{args.device}-{stamp['date']}" + ("-quick" if args.quick else ""))
+        device = "cpu" if args.device == "cpu" else "-".join(stamp["device_name"].lower().split()[:2])  # nvidia-h100
+        base = os.path.join(args.out, f"{device}-{stamp['date']}" + ("-quick" if args.quick else ""))
         with open(base + ".json", "w") as f:
             json.dump({"stamp": stamp, "rows": rows}, f, indent=1)
         with open(base + ".md", "w") as f:

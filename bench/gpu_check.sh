@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on a lent GPU machine (device tool): build for the GPU, the whole test suite (GPU tests
+# included), compute-sanitizer memcheck / racecheck / synccheck on a small clip through every kernel
+# (bench/sanitize.py), and the benchmark. Writes report.md, build.log, tests.log, sanitizer.log, bench.log and the
+# benchmark's .json/.md/.png to $OUT (8 files; default bench/results/gpu-check). Takes 6-9 minutes on an H100;
+# GPU_CHECK_STEPS="build tests sanitizer bench" picks steps.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results/gpu-check}
+mkdir -p "$OUT"
+steps=${GPU_CHECK_STEPS:-build tests sanitizer bench}
+report="$OUT/report.md"
+export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+{
+  echo "# GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'triton', triton.__version__)"
+  echo "arch list $TORCH_CUDA_ARCH_LIST"
+  echo
+  echo "| step | exit | seconds | last line |"
+  echo "|---|---|---|---|"
+} > "$report"
+status=0
+run() {  # run NAME LOG CMD...: appends CMD's output to LOG and a row to the report
+  local name=$1 log=$2 t0 rc
+  shift 2
+  t0=$(date +%s)
+  echo "== $name: $*" >> "$log"
+  timeout "${STEP_TIMEOUT:-420}" "$@" >> "$log" 2>&1
+  rc=$?
+  echo "| $name | $rc | $(( $(date +%s) - t0 )) | $(grep -v '^\s*$' "$log" | tail -n 1 | cut -c1-120 | tr '|' '/') |" >> "$report"
+  [ $rc -eq 0 ] || status=1
+}
+for step in $steps; do
+  case $step in
+    build) run build "$OUT/build.log" python -m pip install --no-build-isolation --no-deps -v -e . ;;
+    tests) run tests "$OUT/tests.log" python -m pytest -q -rs -p no:cacheprovider ;;
+    sanitizer)
+      san=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+      for tool in memcheck racecheck synccheck; do
+        run "sanitizer $tool" "$OUT/sanitizer.log" "$san" --tool "$tool" --error-exitcode 1 python bench/sanitize.py
+      done ;;
+    bench) run bench "$OUT/bench.log" python -m bench --out "$OUT" --compile-timeout 45 ;;
+  esac
+done
+echo >> "$report"
+grep -E "passed|failed" "$OUT/tests.log" 2>/dev/null | tail -n 1 >> "$report"
+grep -E "ERROR SUMMARY" "$OUT/sanitizer.log" 2>/dev/null >> "$report"
+exit $status
