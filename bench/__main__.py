@@ -98,16 +98,23 @@ class _Timeout(Exception):
 
 
 def _bounded(seconds, fn):
-    """Runs fn, raising _Timeout after `seconds` (SIGALRM: the main thread only; unbounded elsewhere)."""
+    """Runs fn, raising _Timeout after `seconds` (SIGALRM: the main thread only; unbounded elsewhere). The alarm may
+    surface wrapped in another exception (inductor wraps what its compile raises): it is unwrapped here."""
     if seconds <= 0 or not hasattr(signal, "SIGALRM"):
         return fn()
+    fired = []
 
     def alarm(*_):
+        fired.append(True)
         raise _Timeout()
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(int(seconds))
     try:
         return fn()
+    except BaseException:
+        if fired:
+            raise _Timeout() from None
+        raise
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -207,6 +214,7 @@ def run_set(name, providers, device, repeats, scale, compile_timeout, progress=N
     tol = max(2e-2 if low else 1e-4, 2 * abs(theirs - total) / total)
     copy = _copy_gbps(nbytes, device, repeats)
     rows = []
+    not_compiled = {}  # a set that did not compile for one step is not tried again for the other
     n_copies = _copies(nbytes, device)
     for regime, max_norm in (("clipped", 0.5 * total), ("unclipped", 2.0 * total)):
         moved = 3 * nbytes if regime == "clipped" else nbytes
@@ -215,7 +223,7 @@ def run_set(name, providers, device, repeats, scale, compile_timeout, progress=N
                 progress.step(f"{name} {regime} {provider}")
             row = {"set": name, "tensors": len(grads), "bytes": nbytes, "scale": scale, "regime": regime,
                    "provider": provider}
-            why_not = available(provider, device)
+            why_not = available(provider, device) or not_compiled.get(provider)
             if why_not:
                 rows.append({**row, "skipped": why_not})
                 continue
@@ -223,7 +231,11 @@ def run_set(name, providers, device, repeats, scale, compile_timeout, progress=N
                 bound = compile_timeout if provider == "torch-compile" else 0
                 wrong = _bounded(bound, lambda: _agrees(provider, grads, max_norm, total, theirs, tol))
             except _Timeout:
-                rows.append({**row, "skipped": f"did not compile in {compile_timeout:.0f} s"})
+                not_compiled[provider] = f"did not compile in {compile_timeout:.0f} s"
+                rows.append({**row, "skipped": not_compiled[provider]})
+                continue
+            except Exception as e:  # noqa: BLE001  (a provider that fails is reported, the run goes on)
+                rows.append({**row, "wrong": f"raised {type(e).__name__}: {str(e).splitlines()[0][:120]}"})
                 continue
             if wrong:
                 rows.append({**row, "wrong": wrong})

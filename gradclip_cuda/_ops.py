@@ -170,6 +170,10 @@ def _value_fake(xs, clip_value):
     return None
 
 
+FAKES = {"multi_tensor_norm": _norm_fake, "multi_tensor_scale_": _scale_fake, "clip_grad_norm_": _clip_fake,
+         "clip_grad_value_": _value_fake}
+
+
 # ---- the compiled library ----
 
 DISABLE_ENV = "GRADCLIP_CUDA_DISABLE_EXT"

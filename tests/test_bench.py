@@ -30,7 +30,7 @@ def test_compile_time_is_bounded_and_reported(monkeypatch):
     rows = harness.main(["--device", "cpu", "--sets", "2000-fp32", "--providers", "torch-compile", "--scale", "0.001",
                          "--repeats", "1", "--compile-timeout", "1", "--no-save"])
     compiled = [r for r in rows if r["provider"] == "torch-compile"]
-    assert len(compiled) == 2 and all(r["skipped"] == "did not compile in 1 s" for r in compiled)
+    assert len(compiled) == 2 and all(r["skipped"] == "did not compile in 1 s" for r in compiled)  # tried once
     assert all("median_ms" in r for r in rows if r["provider"] == "torch-foreach")
 
 

@@ -38,6 +38,19 @@ def test_schemas_and_kernels_are_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU") == (_ops.C is not None)
 
 
+def test_triton_ops_take_the_schemas_of_their_ops():
+    pytest.importorskip("triton")
+    import inspect
+
+    from gradclip_cuda import triton as gt  # registers the triton_* ops
+    if "schema" not in inspect.signature(torch.library.triton_op).parameters:
+        pytest.skip("this torch infers triton_op schemas from type hints")
+    for name in ("multi_tensor_norm", "multi_tensor_scale_", "clip_grad_norm_", "clip_grad_value_"):
+        op = getattr(ops, "triton_" + name).default
+        assert str(op._schema) == f"gradclip_cuda::triton_{name}" + _ops.SCHEMAS[name]
+    assert gt.CHUNK == _ops.C.CUDA_CHUNK if _ops.C is not None else True
+
+
 @pytest.mark.parametrize("p", NORM_TYPES)
 def test_per_tensor_norms(device, p):
     xs = _xs(device, seed=1)

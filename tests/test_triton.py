@@ -117,6 +117,41 @@ def test_table_is_cached_for_the_same_tensors():
     assert gt._tables[xs[0].device][1] is not table
 
 
+TRACE = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # real JIT kernels: what torch.compile meets on a GPU
+import torch
+import gradclip_cuda as gc
+graphs = []
+def backend(gm, example_inputs):
+    from torch._dynamo.backends.common import aot_autograd
+    def forward(g, _):
+        graphs.append(g.code)
+        return lambda *args: (_ for _ in ()).throw(SystemExit(0))  # traced only: no GPU to run on
+    return aot_autograd(fw_compiler=forward)(gm, example_inputs)
+ps = []
+for n in (1000, 70000):
+    q = torch.nn.Parameter(torch.zeros(n)); q.grad = torch.randn(n); ps.append(q)
+try:
+    torch.compile(lambda ps: gc.clip_grad_norm_(ps, 0.5, backend="triton"), fullgraph=True, backend=backend)(ps)
+except SystemExit:
+    pass
+print(graphs[0])
+"""
+
+
+def test_torch_compile_keeps_the_triton_ops_opaque():
+    """The traced graph calls the clip op itself (functionalized: its writes to the gradients known), not its kernels:
+    traced into, the scale kernel's writes through the chunk table's pointers would vanish from the graph."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", TRACE], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    graph = out.stdout
+    assert "gradclip_cuda.triton_clip_grad_norm_" in graph and "triton_kernel_wrapper" not in graph
+    assert "auto_functionalized" in graph and "_xs_length = 2" in graph  # its writes to both gradients are known
+
+
 def test_errors_before_any_write():
     xs = make_grads([(4,), (5,)], [torch.float32], DEVICE, seed=9, params=False)
     before = [x.clone() for x in xs]

@@ -75,25 +75,20 @@ __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
   return v;
 }
 
-template <NormKind K, typename T, typename A>
-__device__ __forceinline__ A fold_vec(A acc, const uint4& raw, A p) {
-  T e[kVec<T>];
-  memcpy(e, &raw, 16);
-#pragma unroll
-  for (int j = 0; j < kVec<T>; ++j) acc = accumulate<K>(acc, widen(e[j]), p);
-  return acc;
-}
-
-// This thread's share of one chunk: a scalar head up to 16-byte alignment, 16-byte vectors, a scalar tail.
-template <NormKind K, typename T>
-__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p) {
-  using A = typename Acc<T>::type;
+// Visits x[0..n) with the block's threads: a scalar head up to 16-byte alignment and a scalar tail go through
+// elem(T&), the 16-byte vectors between them through vec(uint4&), kUnroll loads in flight per thread. kWrite: what
+// the visitors change is stored back.
+template <bool kWrite, typename T, typename Elem, typename Vec>
+__device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec) {
   constexpr int V = kVec<T>;
   const int tid = threadIdx.x;
-  A acc = identity<A>(K);
   const int64_t head = head_elems(x, n);
-  if (tid < head) acc = accumulate<K>(acc, widen(x[tid]), p);
-  const uint4* v = reinterpret_cast<const uint4*>(x + head);
+  if (tid < head) {
+    T e = x[tid];
+    elem(e);
+    if (kWrite) x[tid] = e;
+  }
+  uint4* v = reinterpret_cast<uint4*>(x + head);
   const int64_t nv = (n - head) / V;
   int64_t i = tid;
   for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
@@ -101,11 +96,41 @@ __device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int6
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) acc = fold_vec<K, T>(acc, r[u], p);
+    for (int u = 0; u < kUnroll; ++u) {
+      vec(r[u]);
+      if (kWrite) v[i + u * kThreads] = r[u];
+    }
   }
-  for (; i < nv; i += kThreads) acc = fold_vec<K, T>(acc, v[i], p);
-  const int64_t tail = head + nv * V;
-  if (tail + tid < n) acc = accumulate<K>(acc, widen(x[tail + tid]), p);
+  for (; i < nv; i += kThreads) {
+    uint4 r = v[i];
+    vec(r);
+    if (kWrite) v[i] = r;
+  }
+  const int64_t t = head + nv * V + tid;
+  if (t < n) {
+    T e = x[t];
+    elem(e);
+    if (kWrite) x[t] = e;
+  }
+}
+
+// g(T&) applied to each of the V elements packed in a 16-byte vector.
+template <typename T, typename G>
+__device__ __forceinline__ void each_in_vec(uint4& r, G g) {
+  T e[kVec<T>];
+  memcpy(e, &r, 16);
+#pragma unroll
+  for (int j = 0; j < kVec<T>; ++j) g(e[j]);
+  memcpy(&r, e, 16);
+}
+
+// This thread's share of one chunk's partial.
+template <NormKind K, typename T>
+__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p) {
+  using A = typename Acc<T>::type;
+  A acc = identity<A>(K);
+  auto one = [&](T& e) { acc = accumulate<K>(acc, widen(e), p); };
+  visit_chunk<false>(const_cast<T*>(x), n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
   return acc;
 }
 
@@ -130,38 +155,8 @@ __device__ __forceinline__ double chunk_partial(const ChunkRef& c, double p, dou
 // x[i] = f(x[i]) over one chunk with the block's threads, in the accumulation type, 16 bytes at a time.
 template <typename T, typename F>
 __device__ __forceinline__ void map_chunk_t(T* x, int64_t n, F f) {
-  constexpr int V = kVec<T>;
-  const int tid = threadIdx.x;
-  const int64_t head = head_elems(x, n);
-  if (tid < head) x[tid] = T(f(widen(x[tid])));
-  uint4* v = reinterpret_cast<uint4*>(x + head);
-  const int64_t nv = (n - head) / V;
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
-    uint4 r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      T e[V];
-      memcpy(e, &r[u], 16);
-#pragma unroll
-      for (int j = 0; j < V; ++j) e[j] = T(f(widen(e[j])));
-      memcpy(&r[u], e, 16);
-      v[i + u * kThreads] = r[u];
-    }
-  }
-  for (; i < nv; i += kThreads) {
-    T e[V];
-    uint4 r = v[i];
-    memcpy(e, &r, 16);
-#pragma unroll
-    for (int j = 0; j < V; ++j) e[j] = T(f(widen(e[j])));
-    memcpy(&r, e, 16);
-    v[i] = r;
-  }
-  const int64_t tail = head + nv * V;
-  if (tail + tid < n) x[tail + tid] = T(f(widen(x[tail + tid])));
+  auto one = [&](T& e) { e = T(f(widen(e))); };
+  visit_chunk<true>(x, n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
 }
 
 __device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef) {
@@ -553,7 +548,10 @@ bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   bool f64 = c.plan.any_f64;
   void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
   const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream));
+  if (cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream) != cudaSuccess) {
+    (void)cudaGetLastError();  // not co-schedulable after all (say, under MPS limits): two launches instead
+    return false;
+  }
   t_info.launches += 1;
   t_info.fused = true;
   return true;
