@@ -414,3 +414,20 @@ def test_a_gradient_listed_twice_counts_twice_but_is_scaled_once(device):
             torch.testing.assert_close(q.grad.double(), b.grad.double() * ref_coef(ref, 0.5), rtol=1e-5, atol=0)
         gc.clip_grad_value_(listed, 1e-4, backend=backend)
         assert float(params[1].grad.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_every_16_bit_pattern_scales_and_rounds_like_a_float_multiply(dtype):
+    """All 65,536 bit patterns (NaNs, infinities, subnormals, ties): the compiled scale widens each to float,
+    multiplies by the float32 coefficient and rounds back to nearest even, NaN staying NaN."""
+    bits = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    for backend in backends_for("cpu"):
+        q = torch.nn.Parameter(torch.zeros(bits.numel(), dtype=dtype))
+        q.grad = bits.clone().view(dtype)
+        total = torch.tensor(3.7)
+        gc.clip_grads_with_norm_([q], 1.1, total, backend=backend)
+        coef = torch.clamp(torch.reciprocal(total + 1e-6) * 1.1, max=1.0)
+        expected = (bits.view(dtype).float() * coef).to(dtype)
+        nan = expected.isnan()
+        assert torch.equal(q.grad.isnan(), nan), backend
+        assert torch.equal(q.grad[~nan].view(torch.int16), expected[~nan].view(torch.int16)), backend
