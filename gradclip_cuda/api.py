@@ -13,7 +13,9 @@ torch's error; otherwise our kernels are fused whatever its value.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 import types
 import warnings
 from collections import namedtuple
@@ -46,6 +48,7 @@ def _cuda_compiled() -> bool:
     return _ops.C is not None and _ops.BUILD.get("cuda") is not None
 
 
+@functools.cache
 def _triton():
     """The Triton implementation, or None when Triton does not import."""
     try:
@@ -64,7 +67,6 @@ def available_backends() -> tuple[str, ...]:
 
 
 def _triton_interpreted() -> bool:
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -125,6 +127,9 @@ def _fast(backend: str) -> int:
 def _impl_for(device: torch.device, ts, backend: str) -> _Impl:
     if backend in ("cpu", "cuda") and device.type != backend:
         raise ValueError(f"backend='{backend}' takes {backend.upper()} tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+        raise ValueError(f"backend='triton' takes CUDA tensors (CPU ones under TRITON_INTERPRET=1), got tensors on "
+                         f"{device}")
     if backend == "torch" or not (backend in ("cpu", "cuda") or all(t.dtype in _COMPILED_DTYPES for t in ts)):
         return _TORCH
     if backend == "triton" or (backend == "auto" and device.type == "cuda" and not _cuda_compiled()

@@ -122,6 +122,8 @@ import os, sys
 os.environ.pop("TRITON_INTERPRET", None)  # real JIT kernels: what torch.compile meets on a GPU
 import torch
 import gradclip_cuda as gc
+import gradclip_cuda.triton  # the kernels are JIT ones now; the API's device check below looks at the variable
+os.environ["TRITON_INTERPRET"] = "1"
 graphs = []
 def backend(gm, example_inputs):
     from torch._dynamo.backends.common import aot_autograd
@@ -150,6 +152,15 @@ def test_torch_compile_keeps_the_triton_ops_opaque():
     graph = out.stdout
     assert "gradclip_cuda.triton_clip_grad_norm_" in graph and "triton_kernel_wrapper" not in graph
     assert "auto_functionalized" in graph and "_xs_length = 2" in graph  # its writes to both gradients are known
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    params = make_grads([(4,)], [torch.float32], "cpu", seed=11)
+    before = params[0].grad.clone()
+    with pytest.raises(ValueError, match="backend='triton' takes CUDA tensors"):
+        gc.clip_grad_norm_(params, 1e-3, backend="triton")
+    assert torch.equal(params[0].grad, before)
 
 
 def test_errors_before_any_write():
