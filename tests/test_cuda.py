@@ -43,27 +43,33 @@ def test_clip_takes_at_most_two_launches_and_never_syncs(monkeypatch, fused):
     for q, s in zip(params, saved):
         q.grad.copy_(s)  # same storage: the cached plan applies
     expected_total, expected = _expected(params, 1e-3)
-    out = []
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        names = device_ops(lambda: out.append(gc.clip_grad_norm_(params, 1e-3)))
-        info = _ops.C.last_cuda_call()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    names = device_ops(lambda: gc.clip_grad_norm_(params, 1e-3))  # (the profiler synchronises: no debug mode here)
+    info = _ops.C.last_cuda_call()
     assert len(names) == (1 if fused else 2), names
     assert info == {"launches": 1 if fused else 2, "fused": fused, "cached": True}
-    _check(params, out[0], expected_total, expected)
+    for q, s in zip(params, saved):
+        q.grad.copy_(s)
+    torch.cuda.set_sync_debug_mode("error")  # any host sync in the call raises
+    try:
+        total = gc.clip_grad_norm_(params, 1e-3)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _check(params, total, expected_total, expected)
 
 
-def test_norm_scale_and_value_are_one_launch_each():
+def test_norm_scale_and_value_are_one_launch_each_and_never_sync():
     params = make_grads([(1000,), (70_000,), (3,)], [torch.float32], "cuda")
     grads = [q.grad for q in params]
+    total = gc.get_total_norm(grads)
+    assert len(device_ops(lambda: gc.get_total_norm(grads))) == 1
+    assert len(device_ops(lambda: gc.clip_grads_with_norm_(params, 1.0, total))) == 1
+    assert len(device_ops(lambda: gc.clip_grad_value_(params, 0.1))) == 1
     torch.cuda.set_sync_debug_mode("error")
     try:
         total = gc.get_total_norm(grads)
-        assert len(device_ops(lambda: gc.get_total_norm(grads))) == 1
-        assert len(device_ops(lambda: gc.clip_grads_with_norm_(params, 1.0, total))) == 1
-        assert len(device_ops(lambda: gc.clip_grad_value_(params, 0.1))) == 1
+        gc.clip_grads_with_norm_(params, 1.0, total)
+        gc.clip_grad_value_(params, 0.1)
+        gc.ops.multi_tensor_norm(grads, 0.0, True)
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
