@@ -57,6 +57,19 @@ py::dict build_info() {
 
 enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3 };
 
+// The compiled kernels of one device type, for the fast path.
+struct Kernels {
+  std::tuple<at::Tensor, at::Tensor> (*norm)(at::TensorList, double, bool);
+  void (*scale)(at::TensorList, const at::Tensor&, double);
+  at::Tensor (*clip)(at::TensorList, double, double);
+  void (*value)(at::TensorList, double);
+};
+constexpr Kernels kCpuKernels{multi_tensor_norm_cpu, multi_tensor_scale_cpu, clip_grad_norm_cpu, clip_grad_value_cpu};
+#ifdef GRADCLIP_WITH_CUDA
+constexpr Kernels kCudaKernels{multi_tensor_norm_cuda, multi_tensor_scale_cuda, clip_grad_norm_cuda,
+                               clip_grad_value_cuda};
+#endif
+
 // A tensor the compiled kernels take as it is, on `device` (the first tensor's device when it is undefined).
 bool plain_tensor(const at::Tensor& t, c10::Device& device) {
   const auto st = t.scalar_type();
@@ -105,24 +118,19 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
   }
   if (ts.empty() || !(devices & (device.is_cpu() ? 1 : 2))) return py::none();
   if (op == int(FastOp::Scale) && total->device() != device) return py::none();
+  const Kernels& k =
+#ifdef GRADCLIP_WITH_CUDA
+      device.is_cuda() ? kCudaKernels :
+#endif
+      kCpuKernels;
   at::Tensor result;
   {
     py::gil_scoped_release nogil;
-#ifdef GRADCLIP_WITH_CUDA
-    if (device.is_cuda()) {
-      switch (static_cast<FastOp>(op)) {
-        case FastOp::Norm: result = std::get<0>(multi_tensor_norm_cuda(ts, a, false)); break;
-        case FastOp::Scale: multi_tensor_scale_cuda(ts, total.value(), a); break;
-        case FastOp::Clip: result = clip_grad_norm_cuda(ts, a, b); break;
-        case FastOp::Value: clip_grad_value_cuda(ts, a); break;
-      }
-    } else
-#endif
     switch (static_cast<FastOp>(op)) {
-      case FastOp::Norm: result = std::get<0>(multi_tensor_norm_cpu(ts, a, false)); break;
-      case FastOp::Scale: multi_tensor_scale_cpu(ts, total.value(), a); break;
-      case FastOp::Clip: result = clip_grad_norm_cpu(ts, a, b); break;
-      case FastOp::Value: clip_grad_value_cpu(ts, a); break;
+      case FastOp::Norm: result = std::get<0>(k.norm(ts, a, false)); break;
+      case FastOp::Scale: k.scale(ts, total.value(), a); break;
+      case FastOp::Clip: result = k.clip(ts, a, b); break;
+      case FastOp::Value: k.value(ts, a); break;
     }
   }
   if (result.defined()) return py::cast(result);
