@@ -398,14 +398,23 @@ int64_t fused_max_bytes(const DeviceInfo& d) {
   return env ? std::atoll(env) : d.l2_bytes / 5 * 4;
 }
 
-// Each stream gets its own ticket slot, so kernels on concurrent streams never share one.
+// Each stream gets its own ticket slot (first half of the array), so kernels on concurrent streams never share one.
+// A launch captured into a CUDA graph gets a slot of its own (second half), so that replays, on whatever stream,
+// never share a ticket with eager work.
 int32_t ticket_slot(int dev, cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   static std::mutex m;
   static std::map<std::pair<int, cudaStream_t>, int32_t> slots;
-  static int32_t next = 0;
+  static int32_t next = 0, next_captured = 0;
+  constexpr int32_t kHalf = kTicketSlots / 2;
   std::lock_guard<std::mutex> lock(m);
+  if (capture == cudaStreamCaptureStatusActive) {
+    next_captured = (next_captured + 1) % kHalf;
+    return kHalf + next_captured;
+  }
   auto [it, inserted] = slots.try_emplace({dev, stream}, next);
-  if (inserted) next = (next + 1) % kTicketSlots;
+  if (inserted) next = (next + 1) % kHalf;
   return it->second;
 }
 
