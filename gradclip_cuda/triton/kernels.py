@@ -107,7 +107,7 @@ def _coefficient(total, max_norm, F64: tl.constexpr):
         c = (1.0 / (t + 1e-6)) * max_norm  # float64 division is IEEE
     else:
         t = total.to(tl.float32)
-        c = tl.math.div_rn(1.0, t + 1e-6) * max_norm.to(tl.float32)
+        c = tl.math.div_rn(tl.zeros_like(t) + 1.0, t + 1e-6) * max_norm.to(tl.float32)  # tensors, as div_rn takes
     return tl.where((c < 1.0) | (c != c), c, 1.0).to(tl.float64)
 
 
