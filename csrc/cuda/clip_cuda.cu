@@ -425,9 +425,10 @@ struct Launches {
   std::vector<TensorRef> key;
   int capacity = kSmallSlots;
   std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity>
-  std::vector<int32_t> n_chunks;              // per launch
   int64_t plan_chunks = 0;
   int64_t bytes = 0;
+
+  int32_t chunks(size_t i) const { return reinterpret_cast<const TableHeader*>(tables[i].data())->n_chunks; }
 };
 
 bool same_tensors(const std::vector<TensorRef>& a, const std::vector<TensorRef>& b) {
@@ -458,11 +459,8 @@ const Launches& launches_for(const Plan& plan, int dev) {
   cache.key = plan.tensors;
   cache.capacity = capacity;
   cache.tables.clear();
-  cache.n_chunks.clear();
-  for (const LaunchSpec& l : specs) {
+  for (const LaunchSpec& l : specs)
     cache.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
-    cache.n_chunks.push_back(l.h.n_chunks);
-  }
   cache.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
   cache.bytes = 0;
   for (const TensorRef& t : plan.tensors) cache.bytes += t.numel * dtype_size(t.dtype);
@@ -498,42 +496,49 @@ struct Call {
   }
 };
 
+// Launches fn once per launch table, with the table and `arg` as its parameters; tables without chunks are skipped
+// unless `empty_too` (the norm's last launch writes the total even when there is nothing to reduce).
+void launch_tables(const Call& c, const void* fn, void* arg, bool empty_too) {
+  const Launches& L = *c.launches;
+  for (size_t i = 0; i < L.tables.size(); ++i) {
+    if (L.chunks(i) == 0 && !empty_too) continue;
+    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), arg};
+    launch(fn, L.chunks(i), args, c.stream);
+  }
+}
+
 struct NormOut {
   at::Tensor total, per_tensor, scratch;
   double* total_acc;
 };
 
-NormOut launch_norm(Call& c, double p, bool per_tensor) {
+// The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total), and its kernel arguments
+// (ticket left for the caller: the fused kernel takes none).
+NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o) {
   const Launches& L = *c.launches;
   const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
-  NormOut o;
   o.scratch = at::empty({L.plan_chunks + nt + 1}, c.opts.dtype(at::kDouble));
   o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
   o.per_tensor = at::empty({per_tensor ? nt : 0}, c.opts.dtype(c.plan.result_dtype));
   double* s = o.scratch.data_ptr<double>();
   o.total_acc = s + L.plan_chunks + nt;
+  return {p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
+          L.plan_chunks, static_cast<int32_t>(nt), 0, dtype_of(c.plan.result_dtype),
+          per_tensor || norm_kind(p) == NormKind::L0};
+}
+
+NormOut launch_norm(Call& c, double p, bool per_tensor) {
+  NormOut o;
+  NormArgs a = prepare_norm(c, p, per_tensor, o);
+  a.ticket = ticket_slot(c.dev, c.stream);
   const NormKind k = norm_kind(p);
-  NormArgs a{p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
-             L.plan_chunks, static_cast<int32_t>(nt), ticket_slot(c.dev, c.stream),
-             dtype_of(c.plan.result_dtype), per_tensor || k == NormKind::L0};
-  const void* fn = pick(L.capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k));
-  for (size_t i = 0; i < L.tables.size(); ++i) {
-    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &a};
-    launch(fn, L.n_chunks[i], args, c.stream);
-  }
+  launch_tables(c, pick(c.launches->capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k)), &a, true);
   return o;
 }
 
-void launch_scale(Call& c, const CoefArgs& coef) {
-  const Launches& L = *c.launches;
-  const void* fn = pick(L.capacity, reinterpret_cast<const void*>(scale_kernel<kSmallSlots>),
-                        reinterpret_cast<const void*>(scale_kernel<kLargeSlots>));
-  CoefArgs a = coef;
-  for (size_t i = 0; i < L.tables.size(); ++i) {
-    if (L.n_chunks[i] == 0) continue;
-    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &a};
-    launch(fn, L.n_chunks[i], args, c.stream);
-  }
+void launch_scale(Call& c, CoefArgs coef) {
+  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(scale_kernel<kSmallSlots>),
+                        reinterpret_cast<const void*>(scale_kernel<kLargeSlots>)), &coef, false);
 }
 
 // The fused single launch, when the set fits in L2, fits one launch, and the device co-schedules the grid.
@@ -547,13 +552,7 @@ bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   const void* fn = pick(L.capacity, fused_fn<kSmallSlots>(k), fused_fn<kLargeSlots>(k));
   const int resident = blocks_per_sm(fn, c.dev) * d.sms;
   if (resident <= 0) return false;
-  const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
-  o.scratch = at::empty({L.plan_chunks + 1}, c.opts.dtype(at::kDouble));
-  o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
-  double* s = o.scratch.data_ptr<double>();
-  o.total_acc = s + L.plan_chunks;
-  NormArgs a{p, s, nullptr, o.total_acc, o.total.data_ptr(), nullptr, L.plan_chunks, static_cast<int32_t>(nt), 0,
-             dtype_of(c.plan.result_dtype), false};
+  NormArgs a = prepare_norm(c, p, false, o);
   bool f64 = c.plan.any_f64;
   void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
   const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
@@ -603,14 +602,8 @@ at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
 
 void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
   Call c(xs, {});
-  const Launches& L = *c.launches;
-  const void* fn = pick(L.capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
-                        reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>));
-  for (size_t i = 0; i < L.tables.size(); ++i) {
-    if (L.n_chunks[i] == 0) continue;
-    void* args[] = {const_cast<uint64_t*>(L.tables[i].data()), &clip_value};
-    launch(fn, L.n_chunks[i], args, c.stream);
-  }
+  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
+                        reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>)), &clip_value, false);
   finish_writes(c.plan);
   bump_versions(xs);
 }

@@ -80,8 +80,8 @@ def _key(xs, p):
 
 
 def _chunk_table(xs, p=None):
-    """(table, result dtype): the cached table of xs (built, and copied to the device, only when the tensors are not those of the last
-    call on this device). Runs the argument checks of a norm of order p first."""
+    """(table, result dtype) of xs, cached: built and copied to the device only when the tensors are not those of
+    the last call on this device. Runs the argument checks of a norm of order p first."""
     key = _key(xs, p)
     cached = _tables.get(xs[0].device)
     if cached is not None and cached[0] == key:
