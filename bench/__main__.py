@@ -46,14 +46,17 @@ def _apex(ps, m):
     return clip_grad_norm_(ps, m)
 
 
-_compiled = {}
+_compiled = []
 
 
 def _torch_compile(ps, m):
-    key = len(ps)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_torch_foreach)
-    return _compiled[key](ps, m)
+    if not _compiled:
+        # one graph per set and step: keep dynamo from falling back to eager (its default limit is 8 graphs)
+        import torch._dynamo.config as dynamo_config
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), 64))
+        _compiled.append(torch.compile(_torch_foreach))
+    return _compiled[0](ps, m)
 
 
 PROVIDERS = {
