@@ -65,22 +65,32 @@ def _check_nonempty(xs, p: float) -> None:
 
 # ---- pure-PyTorch default kernels (any device, no compiled library, no host sync on CUDA) ----
 
+def _float8(x: torch.Tensor) -> bool:
+    return x.is_floating_point() and x.element_size() == 1  # float8 variants: torch has no norm, mul or clamp for them
+
+
 def check_tensors(xs, p: float) -> None:
-    """The errors torch raises for a norm of order p of xs: integer tensors, and empty ones where p has no identity."""
+    """The errors torch raises for a norm of order p of xs: integer tensors, float8 ones, and empty ones where p has no
+    identity."""
     _check_nonempty(xs, p)
     for x in xs:
         if not (x.is_floating_point() or x.is_complex()):
             raise RuntimeError(f"linalg.vector_norm: Expected a floating point or complex tensor as input. Got {x.dtype}")
+        if _float8(x):
+            raise NotImplementedError(f"gradclip_cuda: the norm is not implemented for {x.dtype} (torch has none)")
 
 
 def _per_tensor_norms(xs, p: float) -> torch.Tensor:
     """Each tensor's p-norm, in float32 (float64 for float64 tensors), in the order of ``xs``, as one float64 vector."""
     check_tensors(xs, p)
-    xs = [x.abs() if x.is_complex() else x for x in xs]
+    xs = [x.abs() if x.is_complex() and x.layout == torch.strided else x for x in xs]
     by_acc: dict[torch.dtype, list[int]] = {}
-    for i, x in enumerate(xs):
-        by_acc.setdefault(_acc_dtype(x.dtype), []).append(i)
     norms: list = [None] * len(xs)
+    for i, x in enumerate(xs):
+        if x.layout != torch.strided:  # sparse: torch's own norm of it, which is what torch's clip uses
+            norms[i] = torch.linalg.vector_norm(x, p).to(torch.float64)
+        else:
+            by_acc.setdefault(_acc_dtype(x.dtype), []).append(i)
     for acc, idx in by_acc.items():
         for i, n in zip(idx, torch._foreach_norm([xs[i] for i in idx], p, dtype=acc)):
             norms[i] = n.to(torch.float64)
@@ -110,13 +120,21 @@ def coefficient(total: torch.Tensor, max_norm: float, device) -> torch.Tensor:
 def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
     if total.numel() != 1:
         raise RuntimeError(f"gradclip_cuda: total_norm must hold one value, got {total.numel()}")
+    check_writable(xs)
     coef = coefficient(total, max_norm, xs[0].device)
+    targets, back = writable(xs)
     if coef.device.type == "cpu" and bool(coef == 1):
         return  # nothing to write (on an accelerator we multiply instead: the test would cost a sync)
-    torch._foreach_mul_(_once_each(xs), coef)
+    for x in targets:
+        if x.layout != torch.strided:
+            x.mul_(coef)  # sparse, as torch scales it
+    torch._foreach_mul_([x for x in targets if x.layout == torch.strided], coef)
+    _write_back(back)
 
 
 def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
+    check_writable(xs)
+    writable(xs)  # refuses overlapping gradients before the norm runs
     each = _per_tensor_norms(xs, p)
     dtype = result_dtype(xs)
     total = _compose(each, p).to(_acc_dtype(dtype))
@@ -124,22 +142,90 @@ def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
     return total.to(dtype)
 
 
-def _once_each(xs) -> list:
-    """xs without repeats of a tensor listed earlier (same data, size and dtype): an in-place pass scales each
-    gradient once, where torch's foreach_mul_ would scale a twice-listed gradient twice."""
-    seen, out = set(), []
+OVERLAP_ERROR = ("gradclip_cuda: two gradients share part of their memory (overlapping views, or views of one buffer "
+                 "with different dtypes); an in-place pass cannot change each element exactly once, so nothing was "
+                 "written. Pass each gradient once, or views that do not overlap.")
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Whether x's elements fill a span of memory without gaps or overlaps (any order of dimensions)."""
+    if x.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def write_skips(xs) -> list:
+    """For tensors whose memory is dense (``_dense``): which ones an in-place pass must not write, as the compiled
+    kernels decide it (csrc/common/plan.h, WriteSkips). A tensor whose memory lies inside the memory of a tensor
+    before it in address order (start, then larger span, then list position), of the same dtype and at a whole-element
+    offset, is skipped: the same gradient listed twice, ``base[:50]`` beside ``base``, a transposed view beside its
+    base. Memory shared in any other way raises (``OVERLAP_ERROR``) before anything is written."""
+    spans = sorted((x.data_ptr(), -(x.data_ptr() + x.numel() * x.element_size()), i)
+                   for i, x in enumerate(xs) if x.numel() > 0)
+    skip = [False] * len(xs)
+    c = None
+    for start, neg_end, i in spans:
+        if c is None or start >= c[1]:
+            c = (start, -neg_end, xs[i].dtype)
+            continue
+        if -neg_end <= c[1] and xs[i].dtype == c[2] and (start - c[0]) % xs[i].element_size() == 0:
+            skip[i] = True
+        else:
+            raise RuntimeError(OVERLAP_ERROR)
+    return skip
+
+
+def writable(xs):
+    """(tensors to write, pairs (original, copy) to write back afterwards) for an in-place pass over ``xs``, as the
+    compiled kernels do it: tensors with gaps in their memory through a contiguous copy, each element of the others
+    written once (``write_skips``). Raises before anything is written on overlapping gradients."""
+    dense, back = [], []
     for x in xs:
-        key = (x.device, x.data_ptr(), x.numel(), x.dtype)
-        if x.data_ptr() == 0 or key not in seen:
-            seen.add(key)
-            out.append(x)
-    return out
+        if x.layout != torch.strided:
+            continue  # sparse: written on its own (scale_torch_); its values are a tensor of their own
+        if _dense(x):
+            dense.append(x)
+        else:
+            back.append((x, x.contiguous()))
+    targets = [x for x, s in zip(dense, write_skips(dense)) if not s]
+    return targets + [c for _, c in back] + [x for x in xs if x.layout != torch.strided], back
+
+
+def _write_back(back) -> None:
+    for original, copy in back:
+        original.copy_(copy)
+
+
+def check_writable(xs, complex_ok: bool = True) -> None:
+    """The errors of an in-place pass, for the whole list before anything is written: integer (and bool) tensors
+    cannot hold a scaled or clamped value, float8 ones have no kernels; complex and sparse ones cannot be clamped
+    (``complex_ok=False``). torch's exception types for these tensors."""
+    for x in xs:
+        if not (x.is_floating_point() or x.is_complex()):
+            raise RuntimeError(f"gradclip_cuda: gradients of dtype {x.dtype} cannot be scaled or clamped in place "
+                               "(result type Float can't be cast to the desired output type); nothing was written")
+        if _float8(x):
+            raise NotImplementedError(f"gradclip_cuda: scaling and clamping are not implemented for {x.dtype} "
+                                      "(torch has neither); nothing was written")
+        if x.layout != torch.strided and not complex_ok:
+            raise NotImplementedError(f"gradclip_cuda: clamping a gradient of layout {x.layout} is not supported "
+                                      "(torch's clip_grad_value_ cannot either); nothing was written")
+        if x.is_complex() and not complex_ok:
+            raise NotImplementedError(f"clamp is not supported for complex types (a gradient of dtype {x.dtype}); "
+                               "nothing was written")
 
 
 def value_torch_(xs, clip_value: float) -> None:
-    xs = _once_each(xs)
-    torch._foreach_clamp_min_(xs, -clip_value)
-    torch._foreach_clamp_max_(xs, clip_value)
+    check_writable(xs, complex_ok=False)
+    targets, back = writable(xs)
+    torch._foreach_clamp_min_(targets, -clip_value)
+    torch._foreach_clamp_max_(targets, clip_value)
+    _write_back(back)
 
 
 for _name, _fn in (("multi_tensor_norm", norm_torch), ("multi_tensor_scale_", scale_torch_),

@@ -85,9 +85,15 @@ def _as_list(parameters, warn_empty_generator: bool = False):
 
 
 def _number(name: str, value, *, allow_negative: bool, what: str) -> float:
+    """float(value), with torch's exception types where torch's own float() raises (TypeError for None or another
+    non-number, ValueError for a string that is not one), and ValueError for NaN or a negative value."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()  # a max_norm that requires grad converts silently, as in torch
     try:
         v = float(value)
-    except (TypeError, ValueError):
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from None
+    except ValueError:
         raise ValueError(f"{name} must be {what}, got {value!r}") from None
     if math.isnan(v) or (not allow_negative and v < 0):
         raise ValueError(f"{name} must be {what}, got {value!r}")
@@ -138,22 +144,25 @@ def _impl_for(device: torch.device, ts, backend: str) -> _Impl:
     return _OPS  # the dispatcher takes the compiled kernel of the device, or the pure-PyTorch one
 
 
-def _groups(tensors, foreach, backend: str) -> dict:
-    """device -> (implementation, tensors on it), in order of first appearance. Raises, before anything is written,
-    on a sparse tensor, on foreach=True for a device without foreach support, and on backend='cpu' or 'cuda' for
-    another device."""
-    by_device: dict = {}
+def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bool = True) -> dict:
+    """(device, sparse) -> (implementation, tensors), in order of first appearance. Sparse gradients take torch's own
+    ops (the pure-PyTorch kernels), as torch's clip does. Raises, before anything is written, on foreach=True for a
+    device without foreach support, on backend='cpu' or 'cuda' for another device, and, for an in-place pass
+    (``writes``), on any gradient of the whole call that the pass cannot write (_ops.check_writable) and on
+    gradients that share memory partly."""
+    by_key: dict = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
+        by_key.setdefault((t.device, t.layout != torch.strided), []).append(t)
+    if writes:
+        _ops.check_writable(tensors, complex_ok)
     out = {}
-    for device, ts in by_device.items():
+    for (device, sparse), ts in by_key.items():
         if foreach and not _device_has_foreach_support(device):
             raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
-        for t in ts:
-            if t.layout != torch.strided:
-                raise RuntimeError(f"gradclip_cuda: a gradient has layout {t.layout}; sparse gradients are not "
-                                   "supported, call .to_dense() on them first")
-        out[device] = (_impl_for(device, ts, backend), ts)
+        out[(device, sparse)] = (_TORCH if sparse else _impl_for(device, ts, backend), ts)
+    if writes and len(out) > 1:  # each op refuses overlapping gradients itself; here, before the first op writes
+        for _, ts in out.values():
+            _ops.writable(ts)
     return out
 
 
@@ -161,7 +170,7 @@ def _total(groups: dict, p: float) -> torch.Tensor:
     totals = [impl.norm(ts, p)[0] for impl, ts in groups.values()]
     if len(totals) == 1:
         return totals[0]
-    first = next(iter(groups))
+    first = next(iter(groups))[0]
     dtype = _ops.result_dtype(totals)
     stacked = torch.stack([t.to(first, torch.float64) for t in totals])
     combined = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, p)  # p = 0: counts add up
@@ -178,7 +187,7 @@ def _check_finite(total: torch.Tensor, p: float) -> None:
 
 
 def _scale(groups: dict, total: torch.Tensor, max_norm: float) -> None:
-    for device, (impl, ts) in groups.items():
+    for (device, _), (impl, ts) in groups.items():
         impl.scale(ts, total if total.device == device else total.to(device), max_norm)
 
 
@@ -217,7 +226,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     with torch.no_grad():
         grads = [p.grad for p in params if p.grad is not None]
         if grads:
-            _scale(_groups(grads, foreach, backend), total, max_norm)
+            _scale(_groups(grads, foreach, backend, writes=True), total, max_norm)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -237,7 +246,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         grads = [g.grad for g in params if g.grad is not None]
         if not grads:
             return torch.tensor(0.0)
-        groups = _groups(grads, foreach, backend)
+        groups = _groups(grads, foreach, backend, writes=True)
         if len(groups) == 1 and not error_if_nonfinite:
             impl, ts = next(iter(groups.values()))
             return impl.clip(ts, max_norm, p)
@@ -258,7 +267,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: st
         return
     with torch.no_grad():
         grads = [g.grad for g in params if g.grad is not None]
-        for impl, ts in _groups(grads, foreach, backend).values():
+        for impl, ts in _groups(grads, foreach, backend, writes=True, complex_ok=False).values():
             impl.value(ts, v)
 
 

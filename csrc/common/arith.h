@@ -49,7 +49,7 @@ GC_HD A identity(NormKind k) {
 // Fold one element (already converted to the accumulation type A) into a partial.
 template <NormKind K, typename A>
 GC_HD A accumulate(A acc, A x, A p) {
-  A ax = x < A(0) ? -x : x;  // |x|, NaN stays NaN
+  A ax = std::fabs(x);  // |x| with the sign bit cleared: -0.0 gives +0.0 (so pow(|-0|, p < 0) is +inf); NaN stays NaN
   if constexpr (K == NormKind::L2) return acc + x * x;
   else if constexpr (K == NormKind::L1) return acc + ax;
   else if constexpr (K == NormKind::Inf) return max_nan(acc, ax);

@@ -20,7 +20,7 @@ DType dtype_of(at::ScalarType st) {
   // torch.linalg.vector_norm's wording for integer input; complex is refused by name.
   TORCH_CHECK(at::isFloatingType(st) || at::isComplexType(st),
               "linalg.vector_norm: Expected a floating point or complex tensor as input. Got ", st);
-  TORCH_CHECK(false, "gradclip_cuda: gradients of dtype ", st,
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "gradclip_cuda: gradients of dtype ", st,
               " are not supported by the compiled kernels (float32, float16, bfloat16 and float64 are); "
               "use backend=\"torch\"");
 }
@@ -66,26 +66,63 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
     plan.total_elems += numel;
   }
   plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
+  if (check.writes) {
+    plan.writes = true;
+    plan.skips = write_skips(plan.tensors);
+    TORCH_CHECK(!plan.skips.overlap, "gradclip_cuda: two gradients share part of their memory (overlapping views, "
+                "or views of one buffer with different dtypes); an in-place pass cannot change each element exactly "
+                "once, so nothing was written. Pass each gradient once, or views that do not overlap.");
+  }
   return plan;
 }
 
-std::vector<char> repeated_tensors(const Plan& plan) {
-  std::vector<std::pair<const void*, int32_t>> starts;
-  starts.reserve(plan.tensors.size());
-  for (size_t i = 0; i < plan.tensors.size(); ++i)
-    if (plan.tensors[i].numel > 0) starts.emplace_back(plan.tensors[i].data, static_cast<int32_t>(i));
-  std::sort(starts.begin(), starts.end());
-  std::vector<char> repeated(plan.tensors.size(), 0);
-  for (size_t k = 1; k < starts.size(); ++k)
-    if (starts[k].first == starts[k - 1].first) repeated[starts[k].second] = 1;
-  return repeated;
+WriteSkips write_skips(const std::vector<TensorRef>& ts) {
+  const size_t n = ts.size();
+  WriteSkips w;
+  if (n < 2) return w;
+  auto begin = [&](size_t i) { return reinterpret_cast<uintptr_t>(ts[i].data); };
+  auto end = [&](size_t i) { return begin(i) + uintptr_t(ts[i].numel) * dtype_size(ts[i].dtype); };
+  // Nonempty tensors in address order (start ascending, then end descending, then list order): a tensor's container,
+  // if it has one, comes before it.
+  std::vector<int32_t> order;
+  order.reserve(n);
+  for (size_t i = 0; i < n; ++i)
+    if (ts[i].numel > 0) order.push_back(static_cast<int32_t>(i));
+  auto before = [&](int32_t a, int32_t b) {
+    if (begin(a) != begin(b)) return begin(a) < begin(b);
+    if (end(a) != end(b)) return end(a) > end(b);
+    return a < b;
+  };
+  // The usual lists are already in increasing (or, gradients allocated by backward, decreasing) address order.
+  bool up = true, down = true;
+  for (size_t k = 1; k < order.size() && (up || down); ++k) {
+    up &= end(order[k - 1]) <= begin(order[k]);
+    down &= end(order[k]) <= begin(order[k - 1]);
+  }
+  if (up || down) return w;
+  std::sort(order.begin(), order.end(), before);
+  int32_t c = -1;  // the tensor whose memory holds the current run of overlapping tensors
+  for (const int32_t i : order) {
+    if (c < 0 || begin(i) >= end(c)) {
+      c = i;
+      continue;
+    }
+    const int es = dtype_size(ts[i].dtype);
+    if (end(i) <= end(c) && ts[i].dtype == ts[c].dtype && (begin(i) - begin(c)) % es == 0) {
+      if (w.skip.empty()) w.skip.assign(n, 0);
+      w.skip[i] = 1;
+      w.any = true;
+    } else {
+      w.overlap = true;
+    }
+  }
+  return w;
 }
 
 void drop_repeated_tensors(Plan& plan) {
-  const std::vector<char> repeated = repeated_tensors(plan);
-  if (std::find(repeated.begin(), repeated.end(), 1) == repeated.end()) return;
+  if (!plan.skips.any) return;
   plan.chunks.erase(std::remove_if(plan.chunks.begin(), plan.chunks.end(),
-                                   [&](const Chunk& c) { return repeated[c.tensor] != 0; }),
+                                   [&](const Chunk& c) { return plan.skips.skip[c.tensor] != 0; }),
                     plan.chunks.end());
 }
 

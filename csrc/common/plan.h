@@ -23,6 +23,21 @@ struct Chunk {
   int64_t size;    // elements, 1 .. chunk_elems
 };
 
+// Which tensors an in-place pass must not write, and whether it may write at all. A tensor whose memory lies
+// inside the memory of a tensor listed before it in address order, of the same dtype and at a whole-element offset
+// (the same gradient listed twice, a view such as `base[:50]` beside `base`, a transposed view of a listed
+// gradient), is skipped: the containing tensor's pass writes each of its elements once, with the same coefficient.
+// Two tensors whose memory overlaps in any other way (partly, or with another dtype) set `overlap`: no order of
+// writes scales each element once there, and make_plan refuses them for an in-place pass before anything runs.
+// Tensors processed through copies have memory of their own and never overlap. O(n) when the tensors' spans are
+// in increasing or decreasing address order, O(n log n) otherwise.
+struct WriteSkips {
+  std::vector<char> skip;  // one flag per tensor (empty: none skipped)
+  bool any = false;        // some flag is set
+  bool overlap = false;    // partly overlapping tensors: an in-place pass must refuse them
+};
+WriteSkips write_skips(const std::vector<TensorRef>& tensors);
+
 struct Plan {
   std::vector<TensorRef> tensors;
   std::vector<Chunk> chunks;             // tensor order; a tensor's chunks are consecutive
@@ -33,29 +48,29 @@ struct Plan {
   // Tensors that are not dense and non-overlapping are processed through a contiguous copy (pairs: original,
   // copy), kept alive here; after a pass that wrote, finish_writes copies them back into the originals.
   std::vector<std::pair<at::Tensor, at::Tensor>> copies;
+  bool writes = false;  // built for an in-place pass: `skips` computed (and no overlap)
+  WriteSkips skips;
 };
 
 // What the caller needs checked while the plan is built, before anything is written.
 struct PlanCheck {
   bool norm = false;            // the pass computes a norm of order p
   double p = 2.0;
+  bool writes = false;          // an in-place pass follows: compute the write skips, refuse overlapping tensors
 };
 
 // Builds the plan for `xs` (at least one tensor); chunk_elems = 0 builds no chunk list (the CUDA launch tables
 // derive chunks from the sizes). raises (torch's error type and, where torch has one, its wording) on a sparse,
 // integer or complex tensor, on tensors on more than one device, and on an empty tensor when the norm of
-// order p has no identity (inf, -inf, p < 0). Nothing is written before these checks pass.
+// order p has no identity (inf, -inf, p < 0), and, for an in-place pass, on tensors whose memory overlaps partly
+// (see WriteSkips). Nothing is written before these checks pass.
 Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);
 
 // Copies written results back into the non-dense tensors the plan processed through copies.
 void finish_writes(Plan& plan);
 
-// Before an in-place pass: drops the chunks of every tensor whose data starts where an earlier tensor's does (the
-// same gradient listed twice), so each element is written once and no two workers write the same memory. The norm
-// still counts such a tensor once per listing, as torch does.
+// For the CPU passes that write, after any norm pass over the same plan: drops the chunks of skipped tensors.
 void drop_repeated_tensors(Plan& plan);
-// Which tensors start where an earlier-sorted tensor does: 1 for every repeat but one of each start.
-std::vector<char> repeated_tensors(const Plan& plan);
 
 // The chunk size the CPU kernels use (elements). A chunk's partial is accumulated in 16 lanes, so the summation
 // order inside a chunk, and the order chunks combine in, are fixed by the plan alone: the norm does not depend

@@ -283,20 +283,20 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, doub
 
 void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm) {
   TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
-  Plan plan = make_plan(xs, kCpuChunk, {});
+  Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
   const double coef = coef_for(total.item<double>(), total.scalar_type() == at::kDouble, max_norm);
   if (apply_scale(plan, coef)) bump_versions(xs);
 }
 
 at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p) {
-  Plan plan = make_plan(xs, kCpuChunk, {true, p});
+  Plan plan = make_plan(xs, kCpuChunk, {true, p, true});
   NormResult r = compute_norm(plan, p, false);
   if (apply_scale(plan, coef_for(r.total, plan.any_f64, max_norm))) bump_versions(xs);
   return scalar_of(r.total, plan.result_dtype);
 }
 
 void clip_grad_value_cpu(at::TensorList xs, double clip_value) {
-  Plan plan = make_plan(xs, kCpuChunk, {});
+  Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
   drop_repeated_tensors(plan);
   over_chunks(plan, [&](int64_t b, int64_t e) { (kHaveAvx2 ? clamp_avx2 : clamp_base)(plan, b, e, clip_value); });
   finish_writes(plan);

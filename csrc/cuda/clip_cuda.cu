@@ -454,7 +454,7 @@ const Launches& launches_for(const Plan& plan, int dev) {
     return cache;
   }
   const int capacity = plan.tensors.size() <= size_t(kSmallSlots) ? kSmallSlots : kLargeSlots;
-  const std::vector<LaunchSpec> specs = build_launches(plan.tensors, repeated_tensors(plan), kCudaChunk, capacity);
+  const std::vector<LaunchSpec> specs = build_launches(plan.tensors, plan.skips.skip, kCudaChunk, capacity);
   cache.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
   cache.key = plan.tensors;
   cache.capacity = capacity;
