@@ -207,6 +207,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
         py::arg("chunk_elems"), py::arg("capacity"));
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
+  m.def("cpu_kernel_isa", &gradclip::cpu_kernel_isa, "which build of the CPU inner loops runs: avx2 or generic");
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
   m.attr("CUDA_CHUNK") = gradclip::kCudaChunk;
   m.attr("TABLE_SLOTS") = py::make_tuple(gradclip::kSmallSlots, gradclip::kLargeSlots);

@@ -125,10 +125,12 @@ def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
     targets, back = writable(xs)
     if coef.device.type == "cpu" and bool(coef == 1):
         return  # nothing to write (on an accelerator we multiply instead: the test would cost a sync)
+    strided = [x for x in targets if x.layout == torch.strided]
     for x in targets:
         if x.layout != torch.strided:
             x.mul_(coef)  # sparse, as torch scales it
-    torch._foreach_mul_([x for x in targets if x.layout == torch.strided], coef)
+    if strided:
+        torch._foreach_mul_(strided, coef)
     _write_back(back)
 
 

@@ -39,8 +39,12 @@ def test_total_norm_matches_reference_and_torch(device, p, dtypes):
             continue
         tol = total_rtol(tensors, ours.dtype)
         assert_close_rel(ours, ref, tol, f"{backend} vs float64")
-        # at least as close to the float64 reference as torch is
-        assert abs(float(ours) - float(ref)) <= abs(float(theirs) - float(ref)) + tol * float(ref)
+        if ours.dtype == torch.float64:
+            continue  # the reference is float64 arithmetic too: it cannot rank two float64 sums
+        # at least as close to the float64 reference as torch is, to a few units in the last place of the result
+        ulp = 4 * float(torch.finfo(ours.dtype).eps) * max(abs(float(ref)), float(torch.finfo(ours.dtype).tiny))
+        assert abs(float(ours) - float(ref)) <= abs(float(theirs) - float(ref)) + ulp, (backend, float(ours),
+                                                                                         float(theirs), float(ref))
 
 
 @pytest.mark.parametrize("clipped", [True, False], ids=["clipped", "unclipped"])
@@ -381,11 +385,16 @@ def test_foreach_true_on_a_device_without_foreach_raises_torchs_error():
 
 def test_foreach_flags_are_accepted(device):
     base = make_grads(SHAPES, [torch.float32], device, seed=19)
-    results = []
     for foreach in (None, True, False):
-        ours = clone_params(base)
-        results.append(gc.clip_grad_norm_(ours, 1.0, foreach=foreach))
-    assert results[0].item() == results[1].item() == results[2].item()
+        ours, theirs = clone_params(base), clone_params(base)
+        t = torch.nn.utils.clip_grad_norm_(theirs, 1.0, foreach=foreach)
+        o = gc.clip_grad_norm_(ours, 1.0, foreach=foreach)
+        ref = ref_total([q.grad for q in base], 2.0)
+        assert_close_rel(o, ref, RTOL[torch.float32])
+        assert_close_rel(o, t, RTOL[torch.float32])
+        for q, r, b in zip(ours, theirs, base):
+            torch.testing.assert_close(q.grad.double(), b.grad.double() * ref_coef(ref, 1.0), rtol=2e-5, atol=0)
+            torch.testing.assert_close(q.grad, r.grad, rtol=2e-5, atol=0)
 
 
 def test_unknown_backend_raises():
@@ -429,8 +438,7 @@ def test_a_gradient_listed_twice_counts_twice_but_is_scaled_once(device):
         assert_close_rel(total, ref, RTOL[torch.float32], backend)
         for q, b in zip(params, base):
             torch.testing.assert_close(q.grad.double(), b.grad.double() * ref_coef(ref, 0.5), rtol=1e-5, atol=0)
-        gc.clip_grad_value_(listed, 1e-4, backend=backend)
-        assert float(params[1].grad.abs().max()) <= 1e-4
+        # (a clamp applied twice cannot be told from one: tests/test_edges.py clamps views contained in another)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

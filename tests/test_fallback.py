@@ -94,3 +94,32 @@ def test_compiled_library_reports_its_build():
     info = gradclip_cuda.build_info()
     assert info["built_for_torch"].split(".")[:2] == torch.__version__.split("+")[0].split(".")[:2]
     assert "cpu" in info["backends"]
+
+
+@pytest.mark.skipif(gradclip_cuda._ops.C is None, reason="needs the compiled library")
+def test_generic_cpu_kernels_can_be_forced_and_give_the_same_values():
+    # GRADCLIP_CPU_GENERIC=1 takes the generic inner loops on a processor with AVX2 (CI runs the value tests under
+    # it too): they must report so and agree with the float64 reference for every dtype and order.
+    code = textwrap.dedent("""
+        import json, math, torch, gradclip_cuda as gc
+        gen = torch.Generator().manual_seed(7)
+        out = {"isa": gc._ops.C.cpu_kernel_isa(), "rows": []}
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            x = (torch.rand(70001, generator=gen, dtype=torch.float64) - 0.5).to(dtype)
+            for p in (2.0, 1.0, math.inf, -math.inf, 0.0, 3.0):
+                ours = float(gc.get_total_norm([x, x[:5]], p, backend="cpu"))
+                each = torch.stack([torch.linalg.vector_norm(t.double(), p) for t in (x, x[:5])])
+                ref = float((each != 0).sum() if p == 0 else torch.linalg.vector_norm(each, p))
+                out["rows"].append([str(dtype), p, ours, ref])
+        print(json.dumps(out))
+    """)
+    for env, isa in (({"GRADCLIP_CPU_GENERIC": "1"}, "generic"), ({}, None)):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, **env})
+        assert run.returncode == 0, run.stderr
+        out = json.loads(run.stdout.strip().splitlines()[-1])
+        if isa:
+            assert out["isa"] == isa
+        for dtype, p, ours, ref in out["rows"]:
+            rtol = {"torch.float16": 1e-3, "torch.bfloat16": 8e-3}.get(dtype, 2e-5)  # the total is in their dtype
+            assert abs(ours - ref) <= rtol * abs(ref), (out["isa"], dtype, p, ours, ref)

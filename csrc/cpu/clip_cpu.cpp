@@ -13,7 +13,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -210,8 +212,11 @@ GC_INLINE void clamp_body(const Plan& plan, int64_t b, int64_t e, double v) {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 GC_DEFINE_PASSES(avx2, GC_AVX2, Avx2)
+// GRADCLIP_CPU_GENERIC=1 (read once, at load) forces the generic kernels on a processor with AVX2, so that CI tests
+// both builds of the inner loops on one machine.
 const bool kHaveAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                       __builtin_cpu_supports("f16c");
+                       __builtin_cpu_supports("f16c") && !(std::getenv("GRADCLIP_CPU_GENERIC") &&
+                                                           std::string(std::getenv("GRADCLIP_CPU_GENERIC")) == "1");
 #else
 const bool kHaveAvx2 = false;
 #define norm_avx2 norm_base
@@ -270,6 +275,8 @@ at::Tensor scalar_of(double v, at::ScalarType dtype) {
 }
 
 }  // namespace
+
+const char* cpu_kernel_isa() { return kHaveAvx2 ? "avx2" : "generic"; }
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, double p, bool per_tensor) {
   Plan plan = make_plan(xs, kCpuChunk, {true, p});

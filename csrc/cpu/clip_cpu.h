@@ -13,4 +13,7 @@ void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double m
 at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p);
 void clip_grad_value_cpu(at::TensorList xs, double clip_value);
 
+// Which build of the inner loops runs: "avx2" (AVX2 + FMA + F16C) or "generic" (GRADCLIP_CPU_GENERIC=1 forces it).
+const char* cpu_kernel_isa();
+
 }  // namespace gradclip
