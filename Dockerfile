@@ -3,7 +3,7 @@
 FROM pytorch/pytorch:2.6.0-cuda12.4-cudnn9-devel
 
 ENV TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=4 CUDA_HOME=/usr/local/cuda
-RUN pip install --no-cache-dir ninja "setuptools>=64" wheel pytest hypothesis numpy
+RUN pip install --no-cache-dir ninja "setuptools>=77" wheel pytest hypothesis numpy
 COPY . /src
 RUN pip wheel --no-build-isolation --no-deps -w /wheels /src \
  && pip install --no-deps /wheels/*.whl \

@@ -2,25 +2,64 @@
 
 Switches (environment): GRADCLIP_CPU_ONLY=1 skips the CUDA sources; TORCH_CUDA_ARCH_LIST picks the GPU
 architectures (default "8.0;9.0+PTX": A100, H100, and PTX that later GPUs compile at load); MAX_JOBS bounds
-parallel compile jobs (read by torch). CUDA sources are compiled when torch was built with CUDA and a toolkit
-(12.1 or newer) is found (CUDA_HOME), whether or not a GPU is visible.
+parallel compile jobs (read by torch); CUDA_HOME names the CUDA toolkit (found from nvcc when unset).
+The CUDA sources are compiled when torch was built with CUDA and a usable toolkit (12.1 or newer, with its headers)
+is found, whether or not a GPU is visible; otherwise the CPU kernels are built and one line says why, which
+gradclip_cuda.build_info() repeats (gradclip_cuda/_build_config.py, written here).
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
+import torch
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension as cpp
+
+
+def find_cuda_toolkit():
+    """(toolkit folder, None), or (None, why no CUDA kernels are built). torch guesses CUDA_HOME from `which nvcc`,
+    which is wrong where nvcc is a wrapper script: ask nvcc where its toolkit is instead."""
+    if os.environ.get("GRADCLIP_CPU_ONLY") == "1":
+        return None, "GRADCLIP_CPU_ONLY=1"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} was built without CUDA"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not home and shutil.which("nvcc"):
+        out = subprocess.run(["nvcc", "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True)
+        top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.M)
+        home = os.path.realpath(top.group(1).strip()) if top else None
+    if not home and os.path.isdir("/usr/local/cuda"):
+        home = "/usr/local/cuda"
+    if not home:
+        return None, "no CUDA toolkit found (no CUDA_HOME, no nvcc on PATH, no /usr/local/cuda)"
+    header = os.path.join(home, "include", "cuda_runtime_api.h")
+    if not os.path.isfile(header):
+        return None, f"the CUDA toolkit at {home} has no include/cuda_runtime_api.h (set CUDA_HOME)"
+    version = re.search(r"#define CUDART_VERSION\s+(\d+)", open(header).read())
+    if not version or int(version.group(1)) < 12010:
+        return None, f"the CUDA toolkit at {home} is older than 12.1 (the kernels need 32 KB of kernel parameters)"
+    return home, None
+
 
 sources = sorted(glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
 cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-import torch  # noqa: E402  (after the globs: torch's import is slow and they are not)
+cuda_home, why_no_cuda = find_cuda_toolkit() if cuda_sources else (None, "no CUDA sources")
+if cuda_home:
+    os.environ["CUDA_HOME"] = cuda_home  # read by cpp_extension when it is imported, below
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+else:
+    print(f"gradclip_cuda: building the CPU kernels only: {why_no_cuda}")
+from torch.utils import cpp_extension as cpp  # noqa: E402
 
-with_cuda = bool(cuda_sources) and os.environ.get("GRADCLIP_CPU_ONLY") != "1" \
-    and torch.version.cuda is not None and cpp.CUDA_HOME is not None
+with_cuda = cuda_home is not None
+with open(os.path.join("gradclip_cuda", "_build_config.py"), "w") as f:
+    f.write("# Written by setup.py: what the compiled library was built with.\n"
+            f"CUDA_ARCHS = {os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else None!r}\n"
+            f"WHY_NO_CUDA = {why_no_cuda!r}\n")
 # torch picks the C++ standard. -fopenmp: at::parallel_for runs its OpenMP loop inline, so without it the CPU
 # kernels would run on one thread.
 flags = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3", "--Werror", "all-warnings"]}
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 Extension = cpp.CUDAExtension if with_cuda else cpp.CppExtension
 ext = Extension(
     "gradclip_cuda._C",

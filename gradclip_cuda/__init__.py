@@ -15,15 +15,28 @@ from .api import (BACKENDS, available_backends, clip_grad_norm_, clip_grad_value
 __version__ = "0.1.0"
 
 
+def _build_config():
+    try:
+        from . import _build_config as c  # written by setup.py
+    except ImportError:
+        return None, "not built here"
+    return c.CUDA_ARCHS, c.WHY_NO_CUDA
+
+
 def build_info() -> dict:
-    """Which backends are usable, and what the compiled library (if any) was built against."""
+    """Which backends are usable, and what the compiled library (if any) was built against: its torch and CUDA
+    versions, the GPU architectures its CUDA kernels were compiled for (``cuda_archs``, None without them), and why
+    the CUDA kernels were left out of the build (``why_no_cuda``), if they were."""
     built = _ops.BUILD or {}
+    archs, why_no_cuda = _build_config()
     return {
         "version": __version__,
         "torch": _torch.__version__,
         "compiled": _ops.C is not None,
         "built_for_torch": built.get("torch"),
         "built_for_cuda": built.get("cuda"),
+        "cuda_archs": archs if built.get("cuda") else None,
+        "why_no_cuda": None if built.get("cuda") else why_no_cuda,
         "why_not_compiled": _ops.WHY_NOT_COMPILED,
         "backends": available_backends(),
     }
