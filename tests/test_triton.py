@@ -314,19 +314,138 @@ def test_errors_before_any_write():
         assert torch.equal(x, b)
 
 
+def _ref_clip(grads64, max_norm, p=2.0):
+    """One clip of float64 copies: (new grads, total)."""
+    total = ref_total(grads64, p)
+    coef = ref_coef(total, max_norm)
+    return [g * coef for g in grads64], total
+
+
+def _check_grads(params, grads64, rtol=1e-5):
+    for q, g in zip(params, grads64):
+        torch.testing.assert_close(q.grad.double().cpu(), g, rtol=rtol, atol=1e-30)
+
+
 @requires_gpu
 def test_triton_under_torch_compile_and_cuda_graphs():
-    params = make_grads([(1000,), (65_537,)], [torch.float32], "cuda", seed=10)
-    expected_total = ref_total([q.grad for q in params], 2.0)
+    """Gradients, not just the total, after a torch.compile'd clip, an eager one, and a graph replay."""
+    params = make_grads([(1000,), (65_537,)], [torch.float32], "cuda", seed=10, scale=0.01)
+    ref = [q.grad.double().cpu() for q in params]
     total = torch.compile(lambda ps: gc.clip_grad_norm_(ps, 0.5, backend="triton"), fullgraph=True)(params)
+    ref, expected_total = _ref_clip(ref, 0.5)
     assert_close_rel(total, expected_total, 1e-5)
+    _check_grads(params, ref)
+    for q in params:
+        q.grad.mul_(3.0)  # clipped again below
+    ref = [g * 3.0 for g in ref]
     gc.clip_grad_norm_(params, 0.5, backend="triton")  # warm-up: the table is cached before capture
+    ref, _ = _ref_clip(ref, 0.5)
+    _check_grads(params, ref)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         t = gc.clip_grad_norm_(params, 0.5, backend="triton")
+    for step in range(3):
+        for q in params:
+            q.grad.mul_(2.0)
+        ref = [g * 2.0 for g in ref]
+        graph.replay()
+        torch.cuda.synchronize()
+        ref, expected_total = _ref_clip(ref, 0.5)
+        assert_close_rel(t, expected_total, 1e-5, f"replay {step}")
+        _check_grads(params, ref, rtol=1e-5 * (step + 2))
+
+
+@requires_gpu
+def test_graph_replay_after_other_sets_evicted_the_cache():
+    """The captured launches hold the chunk table's address: other tensor sets used eagerly between capture and
+    replay must not free it (it is pinned in the cache), and each launch has its own ticket counter."""
+    params = make_grads([(1000,), (70_000,)], [torch.float32, torch.bfloat16], "cuda", seed=14)
+    gc.clip_grad_norm_(params, 1e9, backend="triton")  # warm-up, nothing clipped
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        t = gc.clip_grad_norm_(params, 1.0, backend="triton")
+    for i in range(3 * gt.CACHE_SIZE):  # eager work on other sets, on another stream too
+        other = make_grads([(100 + i,), (65_537,)], [torch.float32], "cuda", seed=100 + i)
+        with torch.cuda.stream(torch.cuda.Stream()):
+            gc.clip_grad_norm_(other, 0.5, backend="triton")
+        torch.cuda.synchronize()
+    ref = [q.grad.double().cpu() for q in params]
     graph.replay()
     torch.cuda.synchronize()
-    assert math.isfinite(float(t))
+    ref, expected_total = _ref_clip(ref, 1.0)
+    assert_close_rel(t, expected_total, RTOL[torch.bfloat16])
+    _check_grads(params, ref, rtol=RTOL[torch.bfloat16])
+
+
+@requires_gpu
+def test_concurrent_norms_on_two_streams():
+    """Overlapping launches on two streams: each call's own ticket counter and scratch; tables recorded on the
+    streams that read them."""
+    sets = [make_grads([(70_000,), (3_000 + i,)], [torch.float32], "cuda", seed=30 + i, params=False) for i in range(2)]
+    expected = [float(ref_total(xs, 2.0)) for xs in sets]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = []
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for xs, s in zip(sets, streams):
+            with torch.cuda.stream(s):
+                results.append(gt.multi_tensor_norm(xs, 2.0)[0])
+    torch.cuda.synchronize()
+    for i, r in enumerate(results):
+        assert_close_rel(r, expected[i % 2], 1e-5)
+
+
+@requires_gpu
+def test_capture_refuses_gapped_gradients_and_new_sets():
+    params = make_grads([(40, 30)], [torch.float32], "cuda", seed=15)
+    params[0].grad = params[0].grad[:, ::2]
+    before = params[0].grad.clone()
+    for ps in (params, make_grads([(17,)], [torch.float32], "cuda", seed=16)):
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="CUDA graph is being captured"):
+            with torch.cuda.graph(graph):
+                gc.clip_grad_norm_(ps, 1e-3, backend="triton")
+    assert torch.equal(params[0].grad, before)
+
+
+@requires_gpu
+def test_new_table_does_not_sync_the_host():
+    """A table rebuild copies from pinned memory without blocking (a pageable copy synchronises)."""
+    xs = make_grads([(123,), (70_001,)], [torch.float32], "cuda", seed=17, params=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total, _ = gt.multi_tensor_norm(xs, 2.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_close_rel(total, ref_total(xs, 2.0), 1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gradients_on_another_gpu_than_the_current_one():
+    params = make_grads([(1000,), (70_000,)], [torch.float32], "cuda:1", seed=18)
+    ref = [q.grad.double().cpu() for q in params]
+    with torch.cuda.device(0):
+        total = gc.clip_grad_norm_(params, 0.5, backend="triton")
+        each = gt.multi_tensor_norm([q.grad for q in params], 0.0, True)[1]
+    ref, expected_total = _ref_clip(ref, 0.5)
+    assert total.device == torch.device("cuda", 1)
+    assert_close_rel(total, expected_total, 1e-5)
+    _check_grads(params, ref)
+    assert each.tolist() == [1.0, 1.0]
+
+
+@requires_gpu
+def test_per_tensor_norms_of_5000_tensors_on_a_gpu():
+    xs = make_grads([(256 + i % 7,) for i in range(5000)], [torch.float32, torch.bfloat16], "cuda", seed=19,
+                    params=False)
+    for p in (2.0, 0.0, 3.0):
+        total, each = gt.multi_tensor_norm(xs, p, True)
+        ref_each = torch.stack([torch.linalg.vector_norm(x.double().cpu(), p) for x in xs])
+        torch.testing.assert_close(each.double().cpu(), ref_each, rtol=RTOL[torch.float32], atol=0)
+        assert_close_rel(total, ref_total(xs, p), 1e-5)
+        again = gt.multi_tensor_norm(xs, p, True)
+        assert torch.equal(again[0], total) and torch.equal(again[1], each)  # bitwise deterministic
 
 
 COMPILE = """
