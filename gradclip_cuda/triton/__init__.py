@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 import math
 import struct
 
 import torch
+import torch.utils._python_dispatch
 import triton
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 from torch.library import triton_op, wrap_triton
@@ -235,8 +237,32 @@ def _keep_opaque(mode, op, types, args, kwargs):
     return mode.__torch_dispatch__(op, types, args, kwargs)
 
 
+_in_dispatch_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", None)
+
+
+def _direct(xs) -> bool:
+    """Whether a call may run the op's body itself, without the dispatcher: eager, no dispatch mode (fake, proxy,
+    functional or a user's), plain tensors, no autograd to record. The dispatcher's conversions of a list of tensors
+    and custom-op checks cost about 4x the body's host time for thousands of tensors (README, "Triton details")."""
+    return (not torch.compiler.is_compiling() and _in_dispatch_mode is not None and not _in_dispatch_mode()
+            and len(xs) > 0 and type(xs[0]) is torch.Tensor
+            and not (torch.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(xs))))
+
+
+def _bump_versions(xs):
+    """Tells autograd the tensors changed, as the dispatcher does after a mutating custom op."""
+    try:
+        torch._C._increment_version(xs)  # a list in one call (torch >= 2.7)
+    except TypeError:
+        for x in xs:
+            torch.autograd.graph.increment_version(x)
+
+
 def _op(name: str, fake, mutates=()):
-    """Registers fn as the triton op gradclip_cuda::triton_<name>, with the schema of op <name> (_ops.SCHEMAS).
+    """Registers fn as the triton op gradclip_cuda::triton_<name>, with the schema of op <name> (_ops.SCHEMAS), and
+    returns a function that calls fn directly where _direct allows (versions of mutated tensors bumped as the
+    dispatcher would), else the op (its `.op`).
 
     Decision: under torch.compile these ops stay opaque (fake: the op's shape-only fake kernel; no functional
     decomposition). Their kernels read and write the gradients through the chunk table's pointers, which
@@ -247,7 +273,18 @@ def _op(name: str, fake, mutates=()):
         op = triton_op(f"{_ops.NAMESPACE}::triton_{name}", fn, mutates_args=mutates, **kwargs)
         op.register_fake(fake)
         op.register_torch_dispatch(FunctionalTensorMode, _keep_opaque)
-        return op
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            xs = args[0] if args else kwargs["xs"]
+            if not _direct(xs):
+                return call.op(*args, **kwargs)
+            out = fn(*args, **kwargs)
+            if mutates:
+                _bump_versions(xs)
+            return out
+        call.op = op
+        return call
     return register
 
 
