@@ -17,7 +17,12 @@ Decisions:
   gaps in their memory (their contiguous copies would be new tensors with new addresses): call once eagerly with the
   same gradients before capturing, as torch asks of every captured workload.
 - Each call has scratch memory of its own (torch's allocator), ticket counter included, zeroed by a torch op (so a
-  captured one under capture); a table read on a stream other than the default one is recorded on it.
+  captured one under capture); a table read on a stream other than the default one is recorded on it, and a stream
+  other than the one that copied it waits for the copy (an event).
+- Eager calls with no autograd to record and no dispatch mode run the op's body directly (``_direct``); the
+  registered op (``.op``) is what torch.compile and dispatch modes (fake, functional, proxy) see. For 5,000 tensors
+  the dispatcher's conversions of the list and its custom-op checks cost about 4x the body's host time. What remains
+  per call on a cached table: the key (C++), a contiguity check, the version bumps of written tensors, and O(1).
 - Every op runs under a device guard of its tensors' device (Triton launches on the current device).
 - Dense tensors (transposed, channels-last) are processed in place (the kernels are elementwise, in memory order);
   tensors with gaps go through contiguous copies written back afterwards.
@@ -82,7 +87,8 @@ class _Entry:
     """A cached chunk table: int64 [3 * n_chunks rows | pad | n + 1 first-chunk indices] on the device, and what
     derives from the tensors: result dtype, whether every chunk address is 16-byte aligned, whether some tensors
     overlap partly (in-place ops refuse them), and whether a CUDA graph capture uses it (then it is never evicted)."""
-    __slots__ = ("table", "rows", "first", "n_chunks", "n_tensors", "result_dtype", "aligned", "overlap", "pinned")
+    __slots__ = ("table", "rows", "first", "n_chunks", "n_tensors", "result_dtype", "aligned", "overlap", "pinned",
+                 "copied_on", "copied")
 
     def __init__(self, xs, device):
         n = len(xs)
@@ -105,8 +111,12 @@ class _Entry:
                             dtype[tensor] | (skip[tensor].to(torch.int64) * SKIP)], 1)
         pad = torch.zeros(_even(3 * self.n_chunks) - 3 * self.n_chunks, dtype=torch.int64)
         host = torch.cat([rows.reshape(-1), pad, first])
+        self.copied_on = self.copied = None
         if device.type == "cuda":  # pinned, so the copy does not block the host (torch keeps it alive until done)
             self.table = host.pin_memory().to(device, non_blocking=True)
+            self.copied_on = torch.cuda.current_stream(device)
+            self.copied = torch.cuda.Event()
+            self.copied.record(self.copied_on)
         else:
             self.table = host.to(device)
         self.rows = self.table
@@ -163,6 +173,8 @@ def _entry(xs, p=None, writes=False, capturing=False) -> _Entry:
         entry.pinned = True  # the graph's launches read this table on every replay
     elif device.type == "cuda":
         stream = torch.cuda.current_stream(device)
+        if stream != entry.copied_on:  # read on another stream than the one that copied it: after the copy
+            stream.wait_event(entry.copied)
         if stream != torch.cuda.default_stream(device):
             entry.table.record_stream(stream)
     return entry
@@ -239,6 +251,7 @@ def _keep_opaque(mode, op, types, args, kwargs):
 
 _in_dispatch_mode = getattr(torch.utils._python_dispatch, "is_in_torch_dispatch_mode", None)
 _any_requires_grad = getattr(torch._C, "_any_requires_grad", None)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _direct(xs) -> bool:
@@ -246,7 +259,7 @@ def _direct(xs) -> bool:
     functional or a user's), plain tensors, no autograd to record. The dispatcher's conversions of a list of tensors
     and custom-op checks cost about 4x the body's host time for thousands of tensors (README, "Triton details")."""
     return (not torch.compiler.is_compiling() and _in_dispatch_mode is not None and not _in_dispatch_mode()
-            and len(xs) > 0 and type(xs[0]) is torch.Tensor
+            and len(xs) > 0 and type(xs[0]) in _PLAIN
             and not (torch.is_grad_enabled() and (_any_requires_grad is None or _any_requires_grad(xs))))
 
 
