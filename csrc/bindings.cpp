@@ -6,10 +6,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "common/launch.h"
 #include "common/plan.h"
+#include "common/policy.h"
 #include "cpu/clip_cpu.h"
 #ifdef GRADCLIP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -167,6 +169,32 @@ py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int
   return out;
 }
 
+// What thread tid (every tid of kCudaThreads) of a CUDA block visits of a chunk of n elements of elem_size bytes at
+// address addr, by the index arithmetic the kernels run (chunk_parts, visit_parts): the element indices of scalar
+// accesses, and the first element index of each 16-byte vector access (vectors of vector groups listed one by one).
+// For the CPU sweep over every misalignment (tests/test_cuda_host.py).
+py::dict chunk_visits(uint64_t addr, int64_t n, int elem_size) {
+  TORCH_CHECK(elem_size == 2 || elem_size == 4 || elem_size == 8, "elem_size must be 2, 4 or 8");
+  const ChunkParts c = chunk_parts(static_cast<uintptr_t>(addr), n, elem_size);
+  std::vector<int64_t> scalars, vectors;
+  for (int tid = 0; tid < kCudaThreads; ++tid) {
+    visit_parts<kCudaUnroll>(
+        c, tid, kCudaThreads, [&](int64_t j) { scalars.push_back(j); },
+        [&](int64_t i) {
+          for (int u = 0; u < kCudaUnroll; ++u) vectors.push_back(c.head + (i + int64_t(u) * kCudaThreads) * c.per_vec);
+        },
+        [&](int64_t i) { vectors.push_back(c.head + i * c.per_vec); });
+  }
+  py::dict d;
+  d["head"] = c.head;
+  d["vecs"] = c.vecs;
+  d["tail"] = c.tail;
+  d["per_vec"] = c.per_vec;
+  d["scalars"] = scalars;
+  d["vectors"] = vectors;
+  return d;
+}
+
 // What identifies a set of tensors for the Triton path's cached chunk table: each tensor's address, size and dtype,
 // and the device. Runs the plan's checks (torch's errors) on the way, so a bad list raises before any kernel runs.
 py::bytes tensor_key(const std::vector<at::Tensor>& xs, bool norm, double p) {
@@ -190,6 +218,7 @@ py::dict last_cuda_call_info() {
 #ifdef GRADCLIP_WITH_CUDA
   const CudaCallInfo i = last_cuda_call();
   d["launches"] = i.launches;
+  d["memsets"] = i.memsets;
   d["fused"] = i.fused;
   d["cached"] = i.cached;
 #endif
@@ -208,6 +237,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("chunk_elems"), py::arg("capacity"));
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
+  m.def("chunk_visits", &gradclip::chunk_visits, py::arg("addr"), py::arg("n"), py::arg("elem_size"),
+        "scalar and vector accesses of every thread of a CUDA block over one chunk (host sweep of the kernels' indexing)");
+  m.def("table_capacity", &gradclip::table_capacity, py::arg("n_tensors"), py::arg("driver_version"),
+        py::arg("force_small"), "slots per CUDA launch table for a set of n_tensors under this driver version");
+  m.def("fused_max_bytes", [](int64_t l2_bytes, std::optional<std::string> env) {
+    return gradclip::fused_max_bytes(l2_bytes, env ? env->c_str() : nullptr);
+  }, py::arg("l2_bytes"), py::arg("env") = py::none(), "the fused path's byte threshold for this L2 size and env value");
+  m.def("take_fused", &gradclip::take_fused, py::arg("capturing"), py::arg("eager_fused_ok"), py::arg("one_table"),
+        py::arg("bytes"), py::arg("max_bytes"), py::arg("l0"), py::arg("cooperative"),
+        "whether a CUDA clip takes the fused cooperative launch");
   m.attr("CUDA_CHUNK") = gradclip::kCudaChunk;
+  m.attr("CUDA_THREADS") = gradclip::kCudaThreads;
+  m.attr("LARGE_PARAMS_DRIVER") = gradclip::kLargeParamsDriver;
   m.attr("TABLE_SLOTS") = py::make_tuple(gradclip::kSmallSlots, gradclip::kLargeSlots);
 }

@@ -12,6 +12,7 @@
 
 #include "common/launch.h"
 #include "common/plan.h"
+#include "common/policy.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,6 +27,7 @@
 #error "gradclip_cuda's CUDA kernels need CUDA 12.1 or newer (launch tables of up to 32 KB of kernel parameters)"
 #endif
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -35,14 +37,14 @@
 namespace gradclip {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = kCudaThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
-constexpr int kTicketSlots = 4096;
+constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
 
-// Tickets of the last-block reduction, one per stream (ticket_slot): zero when the module loads, and reset to zero
-// by the last block of every launch, so no call needs a memset and CUDA-graph replays find them ready.
-__device__ unsigned int g_tickets[kTicketSlots];
+// The last-block ticket of a norm is a counter word in the call's own scratch (NormArgs::ticket), zeroed by a
+// cudaMemsetAsync on the call's stream (a memset node when captured into a graph) and advanced with atomicInc wrapping
+// at gridDim.x - 1: the last block of a launch reads gridDim.x - 1 and leaves 0, ready for the call's next launch.
+// No two calls, streams or graphs ever share one (a static array of slots would, once they outnumber it).
 
 // ---- device helpers ----
 
@@ -53,12 +55,6 @@ __device__ __forceinline__ typename Acc<T>::type widen(T v) {
 
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
-
-template <typename T>
-__device__ __forceinline__ int64_t head_elems(const T* x, int64_t n) {
-  const int64_t h = int64_t((16 - reinterpret_cast<uintptr_t>(x) % 16) % 16) / int64_t(sizeof(T));
-  return h < n ? h : n;
-}
 
 // Combines v over the block; every thread gets the result. smem: kWarps doubles.
 template <typename A>
@@ -78,20 +74,18 @@ __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
 // Visits x[0..n) with the block's threads: a scalar head up to 16-byte alignment and a scalar tail go through
 // elem(T&), the 16-byte vectors between them through vec(uint4&), kUnroll loads in flight per thread. kWrite: what
 // the visitors change is stored back.
+// The index arithmetic (which thread visits which element or vector) is visit_parts (common/launch.h), swept on
+// the host by the CPU tests for every misalignment of every element size.
 template <bool kWrite, typename T, typename Elem, typename Vec>
 __device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec) {
-  constexpr int V = kVec<T>;
-  const int tid = threadIdx.x;
-  const int64_t head = head_elems(x, n);
-  if (tid < head) {
-    T e = x[tid];
+  const ChunkParts c = chunk_parts(reinterpret_cast<uintptr_t>(x), n, int(sizeof(T)));
+  uint4* v = reinterpret_cast<uint4*>(x + c.head);
+  auto scalar = [&](int64_t j) {
+    T e = x[j];
     elem(e);
-    if (kWrite) x[tid] = e;
-  }
-  uint4* v = reinterpret_cast<uint4*>(x + head);
-  const int64_t nv = (n - head) / V;
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
+    if (kWrite) x[j] = e;
+  };
+  auto group = [&](int64_t i) {
     uint4 r[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
@@ -100,18 +94,13 @@ __device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec)
       vec(r[u]);
       if (kWrite) v[i + u * kThreads] = r[u];
     }
-  }
-  for (; i < nv; i += kThreads) {
+  };
+  auto one = [&](int64_t i) {
     uint4 r = v[i];
     vec(r);
     if (kWrite) v[i] = r;
-  }
-  const int64_t t = head + nv * V + tid;
-  if (t < n) {
-    T e = x[t];
-    elem(e);
-    if (kWrite) x[t] = e;
-  }
+  };
+  visit_parts<kUnroll>(c, static_cast<int>(threadIdx.x), kThreads, scalar, group, one);
 }
 
 // g(T&) applied to each of the V elements packed in a 16-byte vector.
@@ -208,9 +197,9 @@ struct NormArgs {
   double* total_acc;        // the unrounded total, read by the scale pass of a clip
   void* total_out;          // 0-d, out_dtype
   void* per_tensor_out;     // one per tensor, out_dtype; nullptr when not asked for
+  unsigned int* ticket;     // the call's last-block counter (zeroed by the launcher; unused by the fused kernel)
   int64_t plan_chunks;
   int32_t plan_tensors;
-  int32_t ticket;           // slot in g_tickets
   DType out_dtype;
   bool tensor_values;       // combine partials per tensor (per-tensor norms asked for, or p = 0)
 };
@@ -221,6 +210,17 @@ struct CoefArgs {
   DType total_dtype;
   bool f64;           // the coefficient in double (else float)
 };
+
+// Every kernel's parameters (its table and its other arguments, as the kernels below take them) fit what the driver
+// accepts: 32,764 bytes from CUDA 12.1 on, and 4,096 for the small-table kernels (all an older driver gets:
+// table_capacity).
+template <int N>
+constexpr bool params_fit(size_t limit) {
+  return param_bytes<Table<N>, NormArgs>() <= limit && param_bytes<Table<N>, CoefArgs>() <= limit &&
+         param_bytes<Table<N>, double>() <= limit && param_bytes<Table<N>, NormArgs, double, bool>() <= limit;
+}
+static_assert(params_fit<kLargeSlots>(kMaxParamBytes), "a large-table kernel's parameters exceed 32,764 bytes");
+static_assert(params_fit<kSmallSlots>(kMaxParamBytesOldDriver), "a small-table kernel's parameters exceed 4 KB");
 
 __device__ __forceinline__ double coefficient(const CoefArgs& c) {
   return coef_for(load_as(c.total, c.total_dtype), c.f64, c.max_norm);
@@ -278,13 +278,13 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ 
     if (threadIdx.x == 0) a.partials[tab.h.chunk_base + k] = part;
   }
   if (threadIdx.x == 0) {
-    __threadfence();  // this block's partial is visible before its ticket is
-    last_block = atomicAdd(&g_tickets[a.ticket], 1u) == gridDim.x - 1;
+    __threadfence();  // this block's partial is visible device-wide before its ticket is
+    // Wraps to 0 after the last block: the call's next launch finds the counter ready.
+    last_block = atomicInc(a.ticket, gridDim.x - 1) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last_block) return;
-  __threadfence();
-  if (threadIdx.x == 0) g_tickets[a.ticket] = 0;
+  __threadfence();  // every other block's partial (fenced before its ticket) is read after ours, from L2 (__ldcg)
   finish_norm<K>(tab.h, tab.slots, a, smem);
 }
 
@@ -391,39 +391,32 @@ int blocks_per_sm(const void* fn, int dev) {
   return cache.emplace(std::make_pair(fn, dev), nb).first->second;
 }
 
-// Sets whose bytes are at most this take the fused single launch: 80% of L2 unless GRADCLIP_CUDA_FUSED_MAX_BYTES says
-// otherwise (0 turns the fused path off).
-int64_t fused_max_bytes(const DeviceInfo& d) {
-  const char* env = std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES");  // read per call: tests and the benchmark set it
-  return env ? std::atoll(env) : d.l2_bytes / 5 * 4;
+// The driver's CUDA version (cudaDriverGetVersion), read once per process: below 12.1 kernel parameters are limited
+// to 4 KB, so only the small table is launched (table_capacity).
+int driver_version() {
+  static const int v = [] {
+    int d = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&d));
+    return d;
+  }();
+  return v;
 }
 
-// Each stream gets its own ticket slot (first half of the array), so kernels on concurrent streams never share one.
-// A launch captured into a CUDA graph gets a slot of its own (second half), so that replays, on whatever stream,
-// never share a ticket with eager work.
-int32_t ticket_slot(int dev, cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  static std::mutex m;
-  static std::map<std::pair<int, cudaStream_t>, int32_t> slots;
-  static int32_t next = 0, next_captured = 0;
-  constexpr int32_t kHalf = kTicketSlots / 2;
-  std::lock_guard<std::mutex> lock(m);
-  if (capture == cudaStreamCaptureStatusActive) {
-    next_captured = (next_captured + 1) % kHalf;
-    return kHalf + next_captured;
-  }
-  auto [it, inserted] = slots.try_emplace({dev, stream}, next);
-  if (inserted) next = (next + 1) % kHalf;
-  return it->second;
-}
+// Devices on which an eager fused launch has succeeded (bit d for device d < 64): under graph capture the fused path
+// is taken only there (take_fused).
+std::atomic<uint64_t> g_eager_fused_ok{0};
+
+bool eager_fused_ok(int dev) { return dev >= 0 && dev < 64 && ((g_eager_fused_ok.load() >> dev) & 1u); }
 
 // The launch tables of a plan, built in the layout the kernels take (Table<capacity>), cached per thread and reused
-// while the tensors (data pointers, sizes, dtypes) are the ones of the last call.
+// while the tensors (data pointers, sizes, dtypes) and the capacity are the ones of the last call, and, for a pass
+// that writes, only if the cached tables carry the write-skip flags (tables built for a norm carry none; the norm
+// kernels ignore the flags, so tables with them serve a norm too).
 struct Launches {
   int device = -1;
   std::vector<TensorRef> key;
   int capacity = kSmallSlots;
+  bool skips = false;  // built with the plan's write-skip flags
   std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity>
   int64_t plan_chunks = 0;
   int64_t bytes = 0;
@@ -449,15 +442,21 @@ std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
 
 const Launches& launches_for(const Plan& plan, int dev) {
   thread_local Launches cache;
-  if (plan.copies.empty() && cache.device == dev && same_tensors(cache.key, plan.tensors)) {
+  const char* small_env = std::getenv("GRADCLIP_CUDA_SMALL_TABLES");  // per call: tests cut a set with it
+  const int capacity = table_capacity(static_cast<int64_t>(plan.tensors.size()), driver_version(),
+                                      small_env != nullptr && std::strcmp(small_env, "1") == 0);
+  if (plan.copies.empty() && cache.device == dev && cache.capacity == capacity && (cache.skips || !plan.writes) &&
+      same_tensors(cache.key, plan.tensors)) {
     t_info.cached = true;
     return cache;
   }
-  const int capacity = plan.tensors.size() <= size_t(kSmallSlots) ? kSmallSlots : kLargeSlots;
-  const std::vector<LaunchSpec> specs = build_launches(plan.tensors, plan.skips.skip, kCudaChunk, capacity);
+  const std::vector<char> no_skips;
+  const std::vector<LaunchSpec> specs =
+      build_launches(plan.tensors, plan.writes ? plan.skips.skip : no_skips, kCudaChunk, capacity);
   cache.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
   cache.key = plan.tensors;
   cache.capacity = capacity;
+  cache.skips = plan.writes;
   cache.tables.clear();
   for (const LaunchSpec& l : specs)
     cache.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
@@ -472,12 +471,14 @@ void launch(const void* fn, int32_t blocks, void** args, cudaStream_t stream) {
   t_info.launches += 1;
 }
 
-// Everything a call needs: the plan (checked), its launch tables, the device, the stream.
+// Everything a call needs: the plan (checked; for a pass that writes, with its write skips, so partial overlaps raise
+// before anything is written), its launch tables, the device, the stream, whether the stream is capturing a graph.
 struct Call {
   c10::cuda::CUDAGuard guard;
   Plan plan;
   cudaStream_t stream;
   int dev;
+  bool capturing;
   const Launches* launches;
   at::TensorOptions opts;
 
@@ -491,6 +492,9 @@ struct Call {
     t_info = {};
     dev = xs[0].device().index();
     stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+    capturing = cs != cudaStreamCaptureStatusNone;
     launches = &launches_for(plan, dev);
     opts = at::TensorOptions().device(xs[0].device());
   }
@@ -512,25 +516,26 @@ struct NormOut {
   double* total_acc;
 };
 
-// The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total), and its kernel arguments
-// (ticket left for the caller: the fused kernel takes none).
+// The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total, the ticket word), and its
+// kernel arguments. The ticket word is zeroed by launch_norm only (the fused kernel takes no ticket).
 NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o) {
   const Launches& L = *c.launches;
   const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
-  o.scratch = at::empty({L.plan_chunks + nt + 1}, c.opts.dtype(at::kDouble));
+  o.scratch = at::empty({L.plan_chunks + nt + 2}, c.opts.dtype(at::kDouble));
   o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
   o.per_tensor = at::empty({per_tensor ? nt : 0}, c.opts.dtype(c.plan.result_dtype));
   double* s = o.scratch.data_ptr<double>();
   o.total_acc = s + L.plan_chunks + nt;
   return {p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
-          L.plan_chunks, static_cast<int32_t>(nt), 0, dtype_of(c.plan.result_dtype),
-          per_tensor || norm_kind(p) == NormKind::L0};
+          reinterpret_cast<unsigned int*>(o.total_acc + 1), L.plan_chunks, static_cast<int32_t>(nt),
+          dtype_of(c.plan.result_dtype), per_tensor || norm_kind(p) == NormKind::L0};
 }
 
 NormOut launch_norm(Call& c, double p, bool per_tensor) {
   NormOut o;
   NormArgs a = prepare_norm(c, p, per_tensor, o);
-  a.ticket = ticket_slot(c.dev, c.stream);
+  C10_CUDA_CHECK(cudaMemsetAsync(a.ticket, 0, sizeof(unsigned int), c.stream));
+  t_info.memsets += 1;
   const NormKind k = norm_kind(p);
   launch_tables(c, pick(c.launches->capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k)), &a, true);
   return o;
@@ -541,13 +546,14 @@ void launch_scale(Call& c, CoefArgs coef) {
                         reinterpret_cast<const void*>(scale_kernel<kLargeSlots>)), &coef, false);
 }
 
-// The fused single launch, when the set fits in L2, fits one launch, and the device co-schedules the grid.
+// The fused single launch, when take_fused says so and the grid fits the device.
 bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   const Launches& L = *c.launches;
   const NormKind k = norm_kind(p);
   const DeviceInfo& d = device_info(c.dev);
-  if (L.tables.size() != 1 || k == NormKind::L0 || L.plan_chunks == 0 || !d.cooperative ||
-      L.bytes > fused_max_bytes(d))
+  if (!take_fused(c.capturing, eager_fused_ok(c.dev), L.tables.size() == 1, L.bytes,
+                  fused_max_bytes(d.l2_bytes, std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES")), k == NormKind::L0,
+                  d.cooperative))
     return false;
   const void* fn = pick(L.capacity, fused_fn<kSmallSlots>(k), fused_fn<kLargeSlots>(k));
   const int resident = blocks_per_sm(fn, c.dev) * d.sms;
@@ -557,9 +563,12 @@ bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
   const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
   if (cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream) != cudaSuccess) {
-    (void)cudaGetLastError();  // not co-schedulable after all (say, under MPS limits): two launches instead
+    // Not co-schedulable after all (say, under MPS limits): two launches instead. Never reached under capture
+    // unless an eager fused launch succeeded on this device before (take_fused).
+    (void)cudaGetLastError();
     return false;
   }
+  if (!c.capturing && c.dev >= 0 && c.dev < 64) g_eager_fused_ok.fetch_or(uint64_t(1) << c.dev);
   t_info.launches += 1;
   t_info.fused = true;
   return true;
@@ -577,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, dou
 
 void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm) {
   TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
-  Call c(xs, {});
+  Call c(xs, {false, 2.0, true});
   if (c.launches->plan_chunks == 0) return;
   at::Tensor t = total.to(xs[0].device());  // no copy when it is there already
   const auto st = t.scalar_type();
@@ -589,7 +598,7 @@ void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double 
 }
 
 at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
-  Call c(xs, {true, p});
+  Call c(xs, {true, p, true});
   NormOut o;
   if (!try_fused(c, p, max_norm, o)) {
     o = launch_norm(c, p, false);
@@ -601,7 +610,7 @@ at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
 }
 
 void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
-  Call c(xs, {});
+  Call c(xs, {false, 2.0, true});
   launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
                         reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>)), &clip_value, false);
   finish_writes(c.plan);
