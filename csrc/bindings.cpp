@@ -238,12 +238,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
   m.def("chunk_visits", &gradclip::chunk_visits, py::arg("addr"), py::arg("n"), py::arg("elem_size"),
-        "scalar and vector accesses of every thread of a CUDA block over one chunk (host sweep of the kernels' indexing)");
+        "scalar and vector accesses of every thread of a CUDA block over one chunk (host sweep of kernel indexing)");
   m.def("table_capacity", &gradclip::table_capacity, py::arg("n_tensors"), py::arg("driver_version"),
         py::arg("force_small"), "slots per CUDA launch table for a set of n_tensors under this driver version");
   m.def("fused_max_bytes", [](int64_t l2_bytes, std::optional<std::string> env) {
     return gradclip::fused_max_bytes(l2_bytes, env ? env->c_str() : nullptr);
-  }, py::arg("l2_bytes"), py::arg("env") = py::none(), "the fused path's byte threshold for this L2 size and env value");
+  }, py::arg("l2_bytes"), py::arg("env") = py::none(), "the fused path's byte threshold for this L2 size and env");
   m.def("take_fused", &gradclip::take_fused, py::arg("capturing"), py::arg("eager_fused_ok"), py::arg("one_table"),
         py::arg("bytes"), py::arg("max_bytes"), py::arg("l0"), py::arg("cooperative"),
         "whether a CUDA clip takes the fused cooperative launch");

@@ -41,6 +41,19 @@ constexpr int kThreads = kCudaThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
 
+// Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` of the sm_90 build
+// (2026-11-29, nvcc 13.0). Without a minimum, the norm kernels of p = 2, 1, 0 took 42 registers (allocated as 48: 2
+// blocks of 512 threads per SM, half occupancy), the general-p ones 48, the fused ones 40 (general p: 64); scale and
+// clamp 31-32. A minimum of 3 blocks caps registers at 40 per thread (65,536 / 1,536, rounded down to 8), which the
+// p = 2, 1, 0, inf, -inf kernels meet without spilling (tests/test_cuda_host.py checks registers and spills): 75%
+// occupancy, and a third more resident blocks for the fused kernel's co-resident grid. 4 blocks (32 registers) would
+// spill the 4 x 16-byte loads in flight plus the accumulators, so the norm kernels stop at 3. The general-p kernels
+// call pow's accurate sequence (a real call, with a stack frame): they keep a minimum of 2 rather than spill. Scale
+// and clamp fit 32 registers already: 4 blocks, full occupancy.
+template <NormKind K>
+constexpr int kNormMinBlocks = K == NormKind::General ? 2 : 3;
+constexpr int kMapMinBlocks = 4;
+
 // The last-block ticket of a norm is a counter word in the call's own scratch (NormArgs::ticket), zeroed by a
 // cudaMemsetAsync on the call's stream (a memset node when captured into a graph) and advanced with atomicInc wrapping
 // at gridDim.x - 1: the last block of a launch reads gridDim.x - 1 and leaves 0, ready for the call's next launch.
@@ -269,7 +282,8 @@ __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormA
 
 // One block per chunk; the last block to finish (ticket) finishes the launch.
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
+    norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
   __shared__ double smem[kWarps];
   __shared__ bool last_block;
   const int32_t k = static_cast<int32_t>(blockIdx.x);
@@ -289,7 +303,8 @@ __global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ 
 }
 
 template <int N>
-__global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
+__global__ void __launch_bounds__(kThreads, kMapMinBlocks)
+    scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
   const double coef = coefficient(c);
   if (coef == 1.0) return;  // nothing to write
   const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
@@ -297,7 +312,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__
 }
 
 template <int N>
-__global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
+__global__ void __launch_bounds__(kThreads, kMapMinBlocks)
+    clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
   const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
   if (!chunk.skip_writes) clamp_chunk(chunk, v);
 }
@@ -306,8 +322,8 @@ __global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__
 // at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads) fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a,
-                                                              const double max_norm, const bool f64) {
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
+    fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const bool f64) {
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
   for (int32_t k = b; k < n; k += g) {
