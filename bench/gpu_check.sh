@@ -3,8 +3,9 @@
 # included), compute-sanitizer memcheck (with torch's caching allocator off, so out-of-bounds accesses land outside
 # an allocation) / initcheck / racecheck / synccheck on a small clip through every kernel (bench/sanitize.py), and
 # the benchmark. compute-sanitizer is taken from the toolkit, else from PATH, else from the nvidia-cuda-sanitizer
-# wheel (pip, when an index is reachable); where none is found the sanitizer steps are reported not run. Writes report.md, build.log, tests.log, sanitizer.log, bench.log and the
-# benchmark's .json/.md/.png to $OUT (8 files; default bench/results/gpu-check). Not yet run on a GPU. The whole
+# wheel (pip, when an index is reachable); where none is found the sanitizer steps are reported not run. Writes
+# report.md, build.log, tests.log, sanitizer.log, bench.log and the benchmark's .json/.md/.png to $OUT (8 files;
+# default bench/results/gpu-check). Not yet run on a GPU. The whole
 # script keeps within GPU_CHECK_BUDGET seconds (570: the device tool's 10-minute call, less the start); a step that
 # finds too little time left is recorded as not run, and GPU_CHECK_STEPS="build bench" in a second call runs it.
 set -uo pipefail
@@ -55,10 +56,14 @@ find_sanitizer() {  # prints the path of a compute-sanitizer, or nothing
     [ -n "$s" ] && [ -x "$s" ] && { echo "$s"; return; }
   done
   # The wheels: nvidia-cuda-sanitizer-api-cu12 (12.x, has nvidia/cuda_sanitizer_api/bin/compute-sanitizer) and
-  # nvidia-cuda-sanitizer-api (13.x). Needs a reachable package index; the lent GPU machine has none.
+  # nvidia-cuda-sanitizer-api (13.x). The lent GPU machine reaches no package index: a wheel carried into the folder
+  # GPU_CHECK_WHEELS is installed from there, else the index is tried.
   cuda_major=$(python -c "import torch; print((torch.version.cuda or '12').split('.')[0])")
-  if [ "$cuda_major" = 12 ]; then pkg=nvidia-cuda-sanitizer-api-cu12; else pkg="nvidia-cuda-sanitizer-api==$cuda_major.*"; fi
-  timeout 120 python -m pip install --quiet --disable-pip-version-check "$pkg" >/dev/null 2>&1 || return
+  pkg="nvidia-cuda-sanitizer-api==$cuda_major.*"
+  [ "$cuda_major" = 12 ] && pkg=nvidia-cuda-sanitizer-api-cu12
+  { [ -n "${GPU_CHECK_WHEELS:-}" ] && timeout 120 python -m pip install --quiet --disable-pip-version-check \
+      --no-index --find-links "$GPU_CHECK_WHEELS" "$pkg" >/dev/null 2>&1; } \
+    || timeout 120 python -m pip install --quiet --disable-pip-version-check "$pkg" >/dev/null 2>&1 || return
   python - <<'PY' 2>/dev/null
 import glob, os, site
 for d in site.getsitepackages() + [site.getusersitepackages()]:
