@@ -143,23 +143,37 @@ def test_fused_and_two_launch_paths_give_the_same_bits(monkeypatch, p):
         assert torch.equal(x.grad, y.grad)
 
 
-@pytest.mark.parametrize("n", [300, 2_100])
-def test_norm_is_bitwise_independent_of_the_launch_split(monkeypatch, n):
+@pytest.mark.parametrize("p", [2.0, 0.0, float("inf")])
+@pytest.mark.parametrize("n,mixed", [(300, False), (2_100, False), (2_100, True)])
+def test_norm_is_bitwise_independent_of_the_launch_split(monkeypatch, n, mixed, p):
     # One set, cut into different numbers of launches: the default tables (300: one launch; 2,100: two) against
-    # small tables forced (64 tensors a launch: 5 and 33 launches). Per-tensor norms too.
+    # small tables forced (64 tensors a launch: 5 and 33 launches). Per-tensor norms too. Tensors of 300-643
+    # elements are packed (a warp each, 16 to a block); `mixed` puts a larger tensor (block-reduced chunks) every
+    # 7th, so that packs are cut short.
     monkeypatch.delenv(SMALL_TABLES_ENV, raising=False)
-    grads = make_grads([(300 + 7 * (i % 50),) for i in range(n)], [torch.float32, torch.bfloat16], "cuda", seed=8,
-                       params=False)
-    total, each = gc.ops.multi_tensor_norm(grads, 2.0, True)
+    shapes = [((70_000 + i) if mixed and i % 7 == 0 else 300 + 7 * (i % 50),) for i in range(n)]
+    grads = make_grads(shapes, [torch.float32, torch.bfloat16], "cuda", seed=8, params=False)
+    total, each = gc.ops.multi_tensor_norm(grads, p, True)
     launches = _info()["launches"]
     assert launches == (1 if n <= 2016 else 2)
     monkeypatch.setenv(SMALL_TABLES_ENV, "1")
-    total_s, each_s = gc.ops.multi_tensor_norm(grads, 2.0, True)
-    assert _info()["launches"] == -(-n // 64) > launches
+    total_s, each_s = gc.ops.multi_tensor_norm(grads, p, True)
+    assert _info()["launches"] >= -(-n // 64) > launches
     assert torch.equal(total, total_s) and torch.equal(each, each_s)
     for _ in range(2):
-        assert torch.equal(gc.ops.multi_tensor_norm(grads, 2.0, True)[0], total)
-    assert_close_rel(total, ref_total(grads, 2.0), RTOL[torch.float32])
+        assert torch.equal(gc.ops.multi_tensor_norm(grads, p, True)[0], total)
+    assert_close_rel(total, ref_total(grads, p), RTOL[torch.float32])
+    for g, e in zip(grads, each):
+        assert_close_rel(e, torch.linalg.vector_norm(g.double().cpu().flatten(), p), RTOL[torch.float32])
+
+
+def test_many_small_tensors_are_clipped_right(fused_off):
+    # 5,000 tensors of 256 elements: packs of 16 (313 blocks in three launch tables), each tensor scaled by its warp.
+    params = make_grads([(256,)] * 5_000, [torch.float32, torch.float16], "cuda", seed=33)
+    expected_total, expected = _expected(params, 10.0)
+    total = gc.clip_grad_norm_(params, 10.0)
+    assert _info()["launches"] == 6  # norm and scale over three tables
+    _check(params, total, expected_total, expected)
 
 
 def test_clip_split_into_many_launches_matches_one_fused_launch(monkeypatch):

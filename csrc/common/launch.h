@@ -77,6 +77,21 @@ static_assert(sizeof(Table<kSmallSlots>) % 8 == 0 && sizeof(Table<kLargeSlots>) 
 // and so the norm, depend on this constant and the tensors' sizes only, never on how the plan is cut into launches.
 constexpr int64_t kCudaChunk = int64_t(1) << 16;
 
+// Packs: a tensor of 1 .. chunk_elems / kPackTensors elements (4,096 for the kernels' chunk) is "small": one warp
+// reduces (or scales) it whole, and up to kPackTensors consecutive small tensors form one chunk, a pack, that one
+// block takes (a warp per tensor); any other tensor (empty, or larger) closes a pack. Packs are formed over the plan
+// in order, whatever the capacity of the tables (at least kPackTensors; the kernels use 64 and 2,016), and a launch
+// is cut only between packs: a small tensor's partial (its warp's, in a fixed order) and a pack's partial (its
+// members' in member order) depend on the tensors alone, never on the launch split or on fused vs two launches. So
+// 5,000 tensors of 256 elements take 313 blocks of 16 busy warps, not 5,000 blocks of which one warp in eight loads.
+constexpr int kPackTensors = 16;  // a warp each: kCudaThreads / 32 (static_assert in clip_cuda.cu)
+
+GC_HD int64_t pack_max_elems(int64_t chunk_elems) { return chunk_elems / kPackTensors; }
+GC_HD bool slot_small(const Slot& s, int64_t chunk_elems) {
+  const int64_t n = slot_numel(s);
+  return n > 0 && n <= pack_max_elems(chunk_elems);
+}
+
 struct ChunkRef {
   void* data;     // the chunk's first element
   int64_t size;   // elements
@@ -84,21 +99,43 @@ struct ChunkRef {
   bool skip_writes;
 };
 
-// Chunk k (0 <= k < header.n_chunks) of a launch: the last slot whose first chunk is <= k owns it (an empty tensor
-// owns no chunk and shares its first-chunk index with the next tensor, so the search passes over it).
-GC_HD ChunkRef locate_chunk(const Slot* slots, int32_t n_tensors, int32_t k, int64_t chunk_elems) {
+// The owner of chunk k (0 <= k < header.n_chunks) of a launch: the last slot whose first chunk is <= k (an empty
+// tensor owns no chunk and shares its first-chunk index with the next tensor, so the search passes over it; the
+// members of a pack share its index, so the search ends on its last member).
+GC_HD int32_t chunk_owner(const Slot* slots, int32_t n_tensors, int32_t k) {
   int32_t lo = 0, hi = n_tensors;  // invariant: slots[lo].first <= k < slots[hi].first (hi = n: past the end)
   while (hi - lo > 1) {
     const int32_t mid = (lo + hi) / 2;
     if (slot_first_chunk(slots[mid]) <= k) lo = mid;
     else hi = mid;
   }
-  const Slot& s = slots[lo];
+  return lo;
+}
+
+// Member w (0 .. kPackTensors - 1, counted back from the last) of the pack that is chunk k, owned by slot `owner`
+// (slot_small): its slot, or -1 when the pack has no member w.
+GC_HD int32_t pack_member(const Slot* slots, int32_t owner, int32_t k, int w, int64_t chunk_elems) {
+  const int32_t s = owner - w;
+  return (s >= 0 && slot_first_chunk(slots[s]) == k && slot_small(slots[s], chunk_elems)) ? s : -1;
+}
+
+// The whole of the tensor in slot s, as a chunk (a pack member).
+GC_HD ChunkRef slot_chunk(const Slot& s) {
+  return {slot_data(s), slot_numel(s), slot_dtype(s), slot_skip_writes(s)};
+}
+
+// Chunk k of a launch owned by slot s, not a pack (s is not small): elements [j * chunk_elems, min((j + 1) *
+// chunk_elems, numel)) of s, j = k - its first chunk.
+GC_HD ChunkRef owner_chunk(const Slot& s, int32_t k, int64_t chunk_elems) {
   const int64_t begin = int64_t(k - slot_first_chunk(s)) * chunk_elems;
   const int64_t rest = slot_numel(s) - begin;
   const DType dt = slot_dtype(s);
   return {static_cast<char*>(slot_data(s)) + begin * dtype_size(dt), rest < chunk_elems ? rest : chunk_elems, dt,
           slot_skip_writes(s)};
+}
+
+GC_HD ChunkRef locate_chunk(const Slot* slots, int32_t n_tensors, int32_t k, int64_t chunk_elems) {
+  return owner_chunk(slots[chunk_owner(slots, n_tensors, k)], k, chunk_elems);
 }
 
 GC_HD int64_t chunks_of(int64_t numel, int64_t chunk_elems) { return (numel + chunk_elems - 1) / chunk_elems; }
@@ -163,9 +200,10 @@ struct LaunchSpec {
   std::vector<Slot> slots;
 };
 
-// Cuts `tensors` into launches of at most `capacity` slots. `skip_writes` (empty, or one flag per tensor) marks
-// repeats that an in-place pass must not write. Raises when a tensor has 2^40 elements or more, or more chunks
-// than a launch holds.
+// Cuts `tensors` into launches of at most `capacity` slots, small tensors packed (see kPackTensors; packs of at most
+// min(kPackTensors, capacity) tensors, so that the builder's tests can use tiny capacities). `skip_writes` (empty, or
+// one flag per tensor) marks repeats that an in-place pass must not write. Raises when a tensor has 2^40 elements or
+// more, or more chunks than a launch holds.
 std::vector<LaunchSpec> build_launches(const std::vector<TensorRef>& tensors, const std::vector<char>& skip_writes,
                                        int64_t chunk_elems, int capacity);
 

@@ -5,9 +5,11 @@
 // search (common/launch.h), and every per-element operation (common/arith.h). What is GPU-only is here: the block
 // and warp reductions, the last-block ticket, the grid barrier, 16-byte vector access, and the host launchers.
 //
-// Determinism: each chunk's partial is reduced by one block in a fixed order (per-thread strides, then a butterfly
-// over warps), and the total is a fixed-order reduction over all chunk partials. Neither depends on how the plan is
-// cut into launches, nor on fused vs two-launch: the same tensors give bitwise the same norm.
+// Determinism: each chunk's partial is reduced in a fixed order (per-thread strides, then a butterfly), by one
+// block for a chunk of a larger tensor, or, for a pack of small tensors (launch.h), by one warp per member with the
+// members' partials combined in member order; which of the two depends on the tensor's size alone. The total is a
+// fixed-order reduction over all chunk partials. Neither depends on how the plan is cut into launches, nor on fused
+// vs two-launch: the same tensors give bitwise the same norm.
 #include "cuda/clip_cuda.h"
 
 #include "common/launch.h"
@@ -41,18 +43,18 @@ constexpr int kThreads = kCudaThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
 
-// Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` of the sm_90 build
-// (2026-11-29, nvcc 13.0). Without a minimum, the norm kernels of p = 2, 1, 0 took 42 registers (allocated as 48: 2
-// blocks of 512 threads per SM, half occupancy), the general-p ones 48, the fused ones 40 (general p: 64); scale and
-// clamp 31-32. A minimum of 3 blocks caps registers at 40 per thread (65,536 / 1,536, rounded down to 8), which the
-// p = 2, 1, 0, inf, -inf kernels meet without spilling (tests/test_cuda_host.py checks registers and spills): 75%
-// occupancy, and a third more resident blocks for the fused kernel's co-resident grid. 4 blocks (32 registers) would
-// spill the 4 x 16-byte loads in flight plus the accumulators, so the norm kernels stop at 3. The general-p kernels
-// call pow's accurate sequence (a real call, with a stack frame): they keep a minimum of 2 rather than spill. Scale
-// and clamp fit 32 registers already: 4 blocks, full occupancy.
+// Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` and the SASS of the sm_80
+// and sm_90 builds (2026-11-29, nvcc 13.0). Before packs, the norm kernels of p = 2, 1, 0 took 42 registers (2 blocks
+// of 512 per SM), and a minimum of 3 (40 registers) cost them no spill. With packs (a warp path beside the block
+// path in every kernel), a minimum of 3 made ptxas spill: norm p = 2 (4 stores / 7 loads, some inside the streaming
+// loop), the fused kernels (14-28 / 35-64), scale (16 / 41, a load inside a loop) and clamp (8 / 9, with the
+// minimum of 4 they had). Spills inside the streaming loops cost more than the third block gains for a kernel that
+// already keeps 4 x 16-byte loads in flight per thread, so the minimum is 2 (64 registers) everywhere: it forces
+// nothing, and each kernel gets the occupancy of its own register count. tests/test_cuda_host.py holds registers and
+// stack frames to what was measured.
 template <NormKind K>
-constexpr int kNormMinBlocks = K == NormKind::General ? 2 : 3;
-constexpr int kMapMinBlocks = 4;
+constexpr int kNormMinBlocks = 2;
+constexpr int kMapMinBlocks = 2;
 
 // The last-block ticket of a norm is a counter word in the call's own scratch (NormArgs::ticket), zeroed by a
 // cudaMemsetAsync on the call's stream (a memset node when captured into a graph) and advanced with atomicInc wrapping
@@ -69,12 +71,21 @@ __device__ __forceinline__ typename Acc<T>::type widen(T v) {
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
 
+static_assert(kWarps == kPackTensors, "a pack has a warp per member");
+
+// Combines v over a warp (a butterfly: a fixed order); every lane gets the result.
+template <typename A>
+__device__ __forceinline__ A warp_combine(NormKind k, A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 // Combines v over the block; every thread gets the result. smem: kWarps doubles.
 template <typename A>
 __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_combine(k, v);
   if (lane == 0) smem[warp] = static_cast<double>(v);
   __syncthreads();
   v = lane < kWarps ? static_cast<A>(smem[lane]) : identity<A>(k);
@@ -84,13 +95,13 @@ __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
   return v;
 }
 
-// Visits x[0..n) with the block's threads: a scalar head up to 16-byte alignment and a scalar tail go through
-// elem(T&), the 16-byte vectors between them through vec(uint4&), kUnroll loads in flight per thread. kWrite: what
-// the visitors change is stored back.
+// Visits x[0..n) with `threads` threads (the block's, or a warp's for a pack member; this one is `tid`): a scalar
+// head up to 16-byte alignment and a scalar tail go through elem(T&), the 16-byte vectors between them through
+// vec(uint4&), kUnroll loads in flight per thread. kWrite: what the visitors change is stored back.
 // The index arithmetic (which thread visits which element or vector) is visit_parts (common/launch.h), swept on
 // the host by the CPU tests for every misalignment of every element size.
 template <bool kWrite, typename T, typename Elem, typename Vec>
-__device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec) {
+__device__ __forceinline__ void visit_chunk(T* x, int64_t n, int tid, int threads, Elem elem, Vec vec) {
   const ChunkParts c = chunk_parts(reinterpret_cast<uintptr_t>(x), n, int(sizeof(T)));
   uint4* v = reinterpret_cast<uint4*>(x + c.head);
   auto scalar = [&](int64_t j) {
@@ -101,11 +112,11 @@ __device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec)
   auto group = [&](int64_t i) {
     uint4 r[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
+    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * threads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       vec(r[u]);
-      if (kWrite) v[i + u * kThreads] = r[u];
+      if (kWrite) v[i + u * threads] = r[u];
     }
   };
   auto one = [&](int64_t i) {
@@ -113,7 +124,7 @@ __device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec)
     vec(r);
     if (kWrite) v[i] = r;
   };
-  visit_parts<kUnroll>(c, static_cast<int>(threadIdx.x), kThreads, scalar, group, one);
+  visit_parts<kUnroll>(c, tid, threads, scalar, group, one);
 }
 
 // g(T&) applied to each of the V elements packed in a 16-byte vector.
@@ -128,59 +139,110 @@ __device__ __forceinline__ void each_in_vec(uint4& r, G g) {
 
 // This thread's share of one chunk's partial.
 template <NormKind K, typename T>
-__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p) {
+__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p,
+                                                                int tid, int threads) {
   using A = typename Acc<T>::type;
   A acc = identity<A>(K);
   auto one = [&](T& e) { acc = accumulate<K>(acc, widen(e), p); };
-  visit_chunk<false>(const_cast<T*>(x), n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
+  visit_chunk<false>(const_cast<T*>(x), n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
   return acc;
 }
 
-template <NormKind K, typename T>
+// One chunk's partial, reduced by the whole block (kBlock: every thread gets it) or by one warp (a pack member:
+// every lane gets it). Both are fixed orders: a chunk's partial depends on the chunk alone.
+template <NormKind K, bool kBlock, typename T>
 __device__ __forceinline__ double chunk_partial_t(const ChunkRef& c, double p, double* smem) {
   using A = typename Acc<T>::type;
   const A pa = static_cast<A>(p);
-  return static_cast<double>(block_combine(K, thread_partial<K>(static_cast<const T*>(c.data), c.size, pa), smem));
+  const T* x = static_cast<const T*>(c.data);
+  if constexpr (kBlock)
+    return static_cast<double>(block_combine(K, thread_partial<K>(x, c.size, pa, int(threadIdx.x), kThreads), smem));
+  else
+    return static_cast<double>(warp_combine(K, thread_partial<K>(x, c.size, pa, int(threadIdx.x & 31), 32)));
 }
 
 // One chunk's partial, in double (reduced in float, or double for double).
-template <NormKind K>
+template <NormKind K, bool kBlock>
 __device__ __forceinline__ double chunk_partial(const ChunkRef& c, double p, double* smem) {
   switch (c.dtype) {
-    case DType::F32: return chunk_partial_t<K, float>(c, p, smem);
-    case DType::F16: return chunk_partial_t<K, c10::Half>(c, p, smem);
-    case DType::BF16: return chunk_partial_t<K, c10::BFloat16>(c, p, smem);
-    default: return chunk_partial_t<K, double>(c, p, smem);
+    case DType::F32: return chunk_partial_t<K, kBlock, float>(c, p, smem);
+    case DType::F16: return chunk_partial_t<K, kBlock, c10::Half>(c, p, smem);
+    case DType::BF16: return chunk_partial_t<K, kBlock, c10::BFloat16>(c, p, smem);
+    default: return chunk_partial_t<K, kBlock, double>(c, p, smem);
   }
 }
 
-// x[i] = f(x[i]) over one chunk with the block's threads, in the accumulation type, 16 bytes at a time.
+// The partial of chunk k of a launch; every thread of the block gets it. A larger tensor's chunk is reduced by the
+// block; a pack's members by a warp each (member partials stored to tensor_partials[slot] when it is given: they are
+// the members' tensor partials), combined in warp order.
+template <NormKind K>
+__device__ double work_partial(const Slot* slots, int32_t n_tensors, int32_t k, double p, double* smem,
+                               double* tensor_partials) {
+  const int32_t owner = chunk_owner(slots, n_tensors, k);
+  if (!slot_small(slots[owner], kCudaChunk))
+    return chunk_partial<K, true>(owner_chunk(slots[owner], k, kCudaChunk), p, smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t s = pack_member(slots, owner, k, warp, kCudaChunk);
+  double part = identity<double>(K);
+  if (s >= 0) {
+    part = chunk_partial<K, false>(slot_chunk(slots[s]), p, smem);
+    if (tensor_partials != nullptr && lane == 0) {
+      tensor_partials[s] = part;
+      __threadfence();  // visible device-wide before the block's ticket (the last block reads it)
+    }
+  }
+  if (lane == 0) smem[warp] = part;
+  __syncthreads();
+  double acc = identity<double>(K);
+  for (int w = 0; w < kWarps; ++w) acc = combine(K, acc, smem[w]);  // members first (warps 0 ..), then identities
+  __syncthreads();  // smem is reused
+  return acc;
+}
+
+// x[i] = f(x[i]) over one chunk with `threads` threads (this one `tid`), in the accumulation type, 16 bytes at a time.
 template <typename T, typename F>
-__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, F f) {
+__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, int tid, int threads, F f) {
   auto one = [&](T& e) { e = T(f(widen(e))); };
-  visit_chunk<true>(x, n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
+  visit_chunk<true>(x, n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
 }
 
-__device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef) {
+__device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef, int tid, int threads) {
   const float m = static_cast<float>(coef);
+  auto f = [m](float v) { return v * m; };
   switch (c.dtype) {
-    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, [m](float v) { return v * m; });
-    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, [m](float v) { return v * m; });
-    case DType::BF16:
-      return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, [m](float v) { return v * m; });
-    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [coef](double v) { return v * coef; });
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, tid, threads, f);
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, tid, threads, f);
+    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, tid, threads, f);
+    default:
+      return map_chunk_t(static_cast<double*>(c.data), c.size, tid, threads, [coef](double v) { return v * coef; });
   }
 }
 
-__device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v) {
+__device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v, int tid, int threads) {
   const float lo = static_cast<float>(-v), hi = static_cast<float>(v);
   auto f = [lo, hi](float y) { return clamp_value(y, lo, hi); };
   switch (c.dtype) {
-    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, f);
-    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, f);
-    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, f);
-    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [v](double y) { return clamp_value(y, -v, v); });
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, tid, threads, f);
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, tid, threads, f);
+    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, tid, threads, f);
+    default:
+      return map_chunk_t(static_cast<double*>(c.data), c.size, tid, threads,
+                         [v](double y) { return clamp_value(y, -v, v); });
   }
+}
+
+// Applies f(chunk, tid, threads) to what this thread takes of chunk k of a launch: with the whole block, a larger
+// tensor's chunk; with its warp, one member of a pack. Tensors flagged skip_writes are left alone.
+template <typename F>
+__device__ __forceinline__ void for_work(const Slot* slots, int32_t n_tensors, int32_t k, F f) {
+  const int32_t owner = chunk_owner(slots, n_tensors, k);
+  if (!slot_small(slots[owner], kCudaChunk)) {
+    const ChunkRef c = owner_chunk(slots[owner], k, kCudaChunk);
+    if (!c.skip_writes) f(c, int(threadIdx.x), kThreads);
+    return;
+  }
+  const int32_t s = pack_member(slots, owner, k, int(threadIdx.x >> 5), kCudaChunk);
+  if (s >= 0 && !slot_skip_writes(slots[s])) f(slot_chunk(slots[s]), int(threadIdx.x & 31), 32);
 }
 
 __device__ __forceinline__ void store_as(void* out, DType dt, int64_t i, double v) {
@@ -252,21 +314,26 @@ __device__ double plan_total(const NormArgs& a, double* smem) {
   return finalize(K, block_combine(K, acc, smem), a.p);
 }
 
-// Run by the last block of a launch: per-tensor values of this launch's tensors (a warp per tensor), then, on the
-// plan's last launch, the total.
+// Run by the last block of a launch: per-tensor values of this launch's tensors (a warp per tensor: a pack member's
+// tensor partial was stored by the warp that reduced it, a larger tensor's combines its chunk partials), then, on
+// the plan's last launch, the total.
 template <NormKind K>
 __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormArgs& a, double* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (a.tensor_values) {
     for (int t = warp; t < h.n_tensors; t += kWarps) {
-      const double* first = a.partials + h.chunk_base + slot_first_chunk(slots[t]);
-      const int64_t n = chunks_of(slot_numel(slots[t]), kCudaChunk);
       double acc = identity<double>(K);
-      for (int64_t i = lane; i < n; i += 32) acc = combine(K, acc, __ldcg(first + i));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc = combine(K, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      const bool member = slot_small(slots[t], kCudaChunk);
+      if (member) {
+        acc = __ldcg(a.tensor_partials + h.tensor_base + t);
+      } else {
+        const double* first = a.partials + h.chunk_base + slot_first_chunk(slots[t]);
+        const int64_t n = chunks_of(slot_numel(slots[t]), kCudaChunk);
+        for (int64_t i = lane; i < n; i += 32) acc = combine(K, acc, __ldcg(first + i));
+        acc = warp_combine(K, acc);
+      }
       if (lane == 0) {
-        a.tensor_partials[h.tensor_base + t] = acc;
+        if (!member) a.tensor_partials[h.tensor_base + t] = acc;
         if (a.per_tensor_out) store_as(a.per_tensor_out, a.out_dtype, h.tensor_base + t, finalize(K, acc, a.p));
       }
     }
@@ -280,7 +347,7 @@ __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormA
   }
 }
 
-// One block per chunk; the last block to finish (ticket) finishes the launch.
+// One block per chunk (a pack: a warp per member); the last block to finish (ticket) finishes the launch.
 template <NormKind K, int N>
 __global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
     norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
@@ -288,7 +355,8 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
   __shared__ bool last_block;
   const int32_t k = static_cast<int32_t>(blockIdx.x);
   if (k < tab.h.n_chunks) {
-    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    const double part = work_partial<K>(tab.slots, tab.h.n_tensors, k, a.p, smem,
+                                        a.tensor_values ? a.tensor_partials + tab.h.tensor_base : nullptr);
     if (threadIdx.x == 0) a.partials[tab.h.chunk_base + k] = part;
   }
   if (threadIdx.x == 0) {
@@ -307,18 +375,19 @@ __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
     scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
   const double coef = coefficient(c);
   if (coef == 1.0) return;  // nothing to write
-  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
-  if (!chunk.skip_writes) scale_chunk(chunk, coef);
+  for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
+           [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
 }
 
 template <int N>
 __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
     clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
-  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
-  if (!chunk.skip_writes) clamp_chunk(chunk, v);
+  for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
+           [v](const ChunkRef& chunk, int tid, int threads) { clamp_chunk(chunk, v, tid, threads); });
 }
 
-// The whole clip in one cooperative launch: each block reduces chunks blockIdx.x, + gridDim.x, ...; the grid meets
+// The whole clip in one cooperative launch: each block reduces chunks (packs as in norm_kernel, so the partials are
+// the two-launch path's) blockIdx.x, + gridDim.x, ...; the grid meets
 // at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
 template <NormKind K, int N>
@@ -327,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
   for (int32_t k = b; k < n; k += g) {
-    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    const double part = work_partial<K>(tab.slots, tab.h.n_tensors, k, a.p, smem, nullptr);
     if (threadIdx.x == 0) a.partials[k] = part;
   }
   cooperative_groups::this_grid().sync();
@@ -338,10 +407,9 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
   }
   const double coef = coef_for(total, f64, max_norm);
   if (coef == 1.0 || b >= n) return;
-  for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g) {
-    const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk);
-    if (!chunk.skip_writes) scale_chunk(chunk, coef);
-  }
+  for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g)
+    for_work(tab.slots, tab.h.n_tensors, k,
+             [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
 }
 
 // ---- host side ----
