@@ -46,13 +46,12 @@ constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
 // Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` and the SASS of the sm_80
 // and sm_90 builds (2026-11-29, nvcc 13.0). Before packs, the norm kernels of p = 2, 1, 0 took 42 registers (2 blocks
 // of 512 per SM), and a minimum of 3 (40 registers) cost them no spill. With packs (a warp path beside the block
-// path in every kernel), a minimum of 3 made ptxas spill: norm p = 2 (4 stores / 7 loads, some inside the streaming
-// loop), the fused kernels (14-28 / 35-64), scale (16 / 41, a load inside a loop) and clamp (8 / 9, with the
-// minimum of 4 they had). Spills inside the streaming loops cost more than the third block gains for a kernel that
-// already keeps 4 x 16-byte loads in flight per thread, so the minimum is 2 (64 registers) everywhere: it forces
-// nothing, and each kernel gets the occupancy of its own register count. tests/test_cuda_host.py holds registers and
-// stack frames to what was measured.
-template <NormKind K>
+// path in every kernel), a minimum of 3 makes ptxas spill: norm p = 2 (4 stores / 7 loads, some inside the streaming
+// loop), the fused kernels (14-28 / 35-64), scale (39 local accesses on sm_90) and clamp (9); a minimum of 4 (32
+// registers) spills scale (16 / 41, a load inside a loop) and clamp (8 / 9). Spills inside the streaming loops cost
+// more than a third block gains for kernels that already keep 4 x 16-byte loads in flight per thread, so every
+// kernel keeps a minimum of 2 (64 registers, no spill; 50% occupancy, as before this decision). tests/test_cuda_host.py
+// holds registers and stack frames (spills) to these limits. To revisit with a GPU profile (the benchmark).
 constexpr int kNormMinBlocks = 2;
 constexpr int kMapMinBlocks = 2;
 
@@ -349,7 +348,7 @@ __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormA
 
 // One block per chunk (a pack: a warp per member); the last block to finish (ticket) finishes the launch.
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks)
     norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
   __shared__ double smem[kWarps];
   __shared__ bool last_block;
@@ -391,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
 // at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads, kNormMinBlocks<K>)
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks)
     fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const bool f64) {
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
