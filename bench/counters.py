@@ -8,13 +8,20 @@ import torch
 
 
 def device_ops(fn) -> list[str]:
-    """Names of the kernels, copies and memsets one call of fn runs on the GPU."""
+    """Names of the kernels, copies and memsets one call of fn runs on the GPU. The profiler records CPU and CUDA
+    activities (CUDA alone misses device events on some torch versions, which correlate them with the CPU side);
+    only the events on the device are returned."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def is_kernel(name: str) -> bool:
+    """Whether a device_ops name is a kernel launch (not a memset or a copy)."""
+    return not name.startswith(("Memset", "Memcpy", "memset", "memcpy"))
 
 
 def host_syncs(fn) -> int:

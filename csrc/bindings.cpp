@@ -6,10 +6,12 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "common/launch.h"
 #include "common/plan.h"
+#include "common/policy.h"
 #include "cpu/clip_cpu.h"
 #ifdef GRADCLIP_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -138,7 +140,10 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
 }
 
 // The CUDA launch tables the builder cuts for tensors of these sizes and dtype codes (fake, distinct data
-// addresses: tensor i starts at (i + 1) << 40), decoded by the search the kernels run. For the CPU tests.
+// addresses: tensor i starts at (i + 1) << 40), decoded by the search the kernels run: for each chunk k of a launch,
+// the pieces its block visits, as (k, tensor, first element, elements, dtype code, skip writes): one piece of one
+// tensor, or, for a pack, each member whole, in the order of the warps that take them (last member first).
+// For the CPU tests.
 py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int>& dtypes,
                        const std::vector<int>& skip, int64_t chunk_elems, int capacity) {
   std::vector<TensorRef> ts;
@@ -148,12 +153,22 @@ py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int
   py::list out;
   for (const LaunchSpec& l : build_launches(ts, sk, chunk_elems, capacity)) {
     py::list chunks;
-    for (int32_t k = 0; k < l.h.n_chunks; ++k) {
-      const ChunkRef c = locate_chunk(l.slots.data(), l.h.n_tensors, k, chunk_elems);
+    auto piece = [&](int32_t k, const ChunkRef& c) {
       const auto addr = reinterpret_cast<uintptr_t>(c.data);
       const int64_t tensor = int64_t(addr >> 40) - 1;
-      chunks.append(py::make_tuple(tensor, int64_t(addr & ((uintptr_t(1) << 40) - 1)) / dtype_size(c.dtype), c.size,
-                                   int(c.dtype), c.skip_writes));
+      chunks.append(py::make_tuple(k, tensor, int64_t(addr & ((uintptr_t(1) << 40) - 1)) / dtype_size(c.dtype),
+                                   c.size, int(c.dtype), c.skip_writes));
+    };
+    for (int32_t k = 0; k < l.h.n_chunks; ++k) {
+      const int32_t owner = chunk_owner(l.slots.data(), l.h.n_tensors, k);
+      if (slot_small(l.slots[owner], chunk_elems)) {
+        for (int w = 0; w < kPackTensors; ++w) {
+          const int32_t s = pack_member(l.slots.data(), owner, k, w, chunk_elems);
+          if (s >= 0) piece(k, slot_chunk(l.slots[s]));
+        }
+      } else {
+        piece(k, locate_chunk(l.slots.data(), l.h.n_tensors, k, chunk_elems));
+      }
     }
     py::dict d;
     d["chunk_base"] = l.h.chunk_base;
@@ -165,6 +180,34 @@ py::list launch_tables(const std::vector<int64_t>& numels, const std::vector<int
     out.append(d);
   }
   return out;
+}
+
+// What thread tid (every tid of `threads`: a block's, or a warp's for a pack member) visits of a chunk of n elements
+// of elem_size bytes at address addr, by the index arithmetic the kernels run (chunk_parts, visit_parts): the element
+// indices of scalar
+// accesses, and the first element index of each 16-byte vector access (vectors of vector groups listed one by one).
+// For the CPU sweep over every misalignment (tests/test_cuda_host.py).
+py::dict chunk_visits(uint64_t addr, int64_t n, int elem_size, int threads) {
+  TORCH_CHECK(elem_size == 2 || elem_size == 4 || elem_size == 8, "elem_size must be 2, 4 or 8");
+  TORCH_CHECK(threads == kCudaThreads || threads == 32, "threads: a block's or a warp's");
+  const ChunkParts c = chunk_parts(static_cast<uintptr_t>(addr), n, elem_size);
+  std::vector<int64_t> scalars, vectors;
+  for (int tid = 0; tid < threads; ++tid) {
+    visit_parts<kCudaUnroll>(
+        c, tid, threads, [&](int64_t j) { scalars.push_back(j); },
+        [&](int64_t i) {
+          for (int u = 0; u < kCudaUnroll; ++u) vectors.push_back(c.head + (i + int64_t(u) * threads) * c.per_vec);
+        },
+        [&](int64_t i) { vectors.push_back(c.head + i * c.per_vec); });
+  }
+  py::dict d;
+  d["head"] = c.head;
+  d["vecs"] = c.vecs;
+  d["tail"] = c.tail;
+  d["per_vec"] = c.per_vec;
+  d["scalars"] = scalars;
+  d["vectors"] = vectors;
+  return d;
 }
 
 // What identifies a set of tensors for the Triton path's cached chunk table: each tensor's address, size and dtype,
@@ -190,6 +233,7 @@ py::dict last_cuda_call_info() {
 #ifdef GRADCLIP_WITH_CUDA
   const CudaCallInfo i = last_cuda_call();
   d["launches"] = i.launches;
+  d["memsets"] = i.memsets;
   d["fused"] = i.fused;
   d["cached"] = i.cached;
 #endif
@@ -209,6 +253,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
   m.def("cpu_kernel_isa", &gradclip::cpu_kernel_isa, "which build of the CPU inner loops runs: avx2 or generic");
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");
+  m.def("chunk_visits", &gradclip::chunk_visits, py::arg("addr"), py::arg("n"), py::arg("elem_size"),
+        py::arg("threads") = gradclip::kCudaThreads,
+        "scalar and vector accesses of every thread of a CUDA block over one chunk (host sweep of kernel indexing)");
+  m.def("table_capacity", &gradclip::table_capacity, py::arg("n_tensors"), py::arg("driver_version"),
+        py::arg("force_small"), "slots per CUDA launch table for a set of n_tensors under this driver version");
+  m.def("fused_max_bytes", [](int64_t l2_bytes, std::optional<std::string> env) {
+    return gradclip::fused_max_bytes(l2_bytes, env ? env->c_str() : nullptr);
+  }, py::arg("l2_bytes"), py::arg("env") = py::none(), "the fused path's byte threshold for this L2 size and env");
+  m.def("take_fused", &gradclip::take_fused, py::arg("capturing"), py::arg("eager_fused_ok"), py::arg("one_table"),
+        py::arg("bytes"), py::arg("max_bytes"), py::arg("l0"), py::arg("cooperative"),
+        "whether a CUDA clip takes the fused cooperative launch");
   m.attr("CUDA_CHUNK") = gradclip::kCudaChunk;
+  m.attr("CUDA_THREADS") = gradclip::kCudaThreads;
+  m.attr("PACK_TENSORS") = gradclip::kPackTensors;
+  m.attr("LARGE_PARAMS_DRIVER") = gradclip::kLargeParamsDriver;
   m.attr("TABLE_SLOTS") = py::make_tuple(gradclip::kSmallSlots, gradclip::kLargeSlots);
 }

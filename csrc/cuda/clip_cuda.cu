@@ -5,13 +5,16 @@
 // search (common/launch.h), and every per-element operation (common/arith.h). What is GPU-only is here: the block
 // and warp reductions, the last-block ticket, the grid barrier, 16-byte vector access, and the host launchers.
 //
-// Determinism: each chunk's partial is reduced by one block in a fixed order (per-thread strides, then a butterfly
-// over warps), and the total is a fixed-order reduction over all chunk partials. Neither depends on how the plan is
-// cut into launches, nor on fused vs two-launch: the same tensors give bitwise the same norm.
+// Determinism: each chunk's partial is reduced in a fixed order (per-thread strides, then a butterfly), by one
+// block for a chunk of a larger tensor, or, for a pack of small tensors (launch.h), by one warp per member with the
+// members' partials combined in member order; which of the two depends on the tensor's size alone. The total is a
+// fixed-order reduction over all chunk partials. Neither depends on how the plan is cut into launches, nor on fused
+// vs two-launch: the same tensors give bitwise the same norm.
 #include "cuda/clip_cuda.h"
 
 #include "common/launch.h"
 #include "common/plan.h"
+#include "common/policy.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,6 +29,7 @@
 #error "gradclip_cuda's CUDA kernels need CUDA 12.1 or newer (launch tables of up to 32 KB of kernel parameters)"
 #endif
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -35,14 +39,26 @@
 namespace gradclip {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = kCudaThreads;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // 16-byte loads in flight per thread
-constexpr int kTicketSlots = 4096;
+constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
 
-// Tickets of the last-block reduction, one per stream (ticket_slot): zero when the module loads, and reset to zero
-// by the last block of every launch, so no call needs a memset and CUDA-graph replays find them ready.
-__device__ unsigned int g_tickets[kTicketSlots];
+// Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` and the SASS of the sm_80
+// and sm_90 builds (2026-11-29, nvcc 13.0). Before packs, the norm kernels of p = 2, 1, 0 took 42 registers (2 blocks
+// of 512 per SM), and a minimum of 3 (40 registers) cost them no spill. With packs (a warp path beside the block
+// path in every kernel), a minimum of 3 makes ptxas spill: norm p = 2 (4 stores / 7 loads, some inside the streaming
+// loop), the fused kernels (14-28 / 35-64), scale (39 local accesses on sm_90) and clamp (9); a minimum of 4 (32
+// registers) spills scale (16 / 41, a load inside a loop) and clamp (8 / 9). Spills inside the streaming loops cost
+// more than a third block gains for kernels that already keep 4 x 16-byte loads in flight per thread, so every
+// kernel keeps a minimum of 2 (64 registers, no spill; 50% occupancy, as before this decision). tests/test_cuda_host.py
+// holds registers and stack frames (spills) to these limits. To revisit with a GPU profile (the benchmark).
+constexpr int kNormMinBlocks = 2;
+constexpr int kMapMinBlocks = 2;
+
+// The last-block ticket of a norm is a counter word in the call's own scratch (NormArgs::ticket), zeroed by a
+// cudaMemsetAsync on the call's stream (a memset node when captured into a graph) and advanced with atomicInc wrapping
+// at gridDim.x - 1: the last block of a launch reads gridDim.x - 1 and leaves 0, ready for the call's next launch.
+// No two calls, streams or graphs ever share one (a static array of slots would, once they outnumber it).
 
 // ---- device helpers ----
 
@@ -54,18 +70,21 @@ __device__ __forceinline__ typename Acc<T>::type widen(T v) {
 template <typename T>
 constexpr int kVec = 16 / int(sizeof(T));
 
-template <typename T>
-__device__ __forceinline__ int64_t head_elems(const T* x, int64_t n) {
-  const int64_t h = int64_t((16 - reinterpret_cast<uintptr_t>(x) % 16) % 16) / int64_t(sizeof(T));
-  return h < n ? h : n;
+static_assert(kWarps == kPackTensors, "a pack has a warp per member");
+
+// Combines v over a warp (a butterfly: a fixed order); every lane gets the result.
+template <typename A>
+__device__ __forceinline__ A warp_combine(NormKind k, A v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
 }
 
 // Combines v over the block; every thread gets the result. smem: kWarps doubles.
 template <typename A>
 __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
+  v = warp_combine(k, v);
   if (lane == 0) smem[warp] = static_cast<double>(v);
   __syncthreads();
   v = lane < kWarps ? static_cast<A>(smem[lane]) : identity<A>(k);
@@ -75,43 +94,36 @@ __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
   return v;
 }
 
-// Visits x[0..n) with the block's threads: a scalar head up to 16-byte alignment and a scalar tail go through
-// elem(T&), the 16-byte vectors between them through vec(uint4&), kUnroll loads in flight per thread. kWrite: what
-// the visitors change is stored back.
+// Visits x[0..n) with `threads` threads (the block's, or a warp's for a pack member; this one is `tid`): a scalar
+// head up to 16-byte alignment and a scalar tail go through elem(T&), the 16-byte vectors between them through
+// vec(uint4&), kUnroll loads in flight per thread. kWrite: what the visitors change is stored back.
+// The index arithmetic (which thread visits which element or vector) is visit_parts (common/launch.h), swept on
+// the host by the CPU tests for every misalignment of every element size.
 template <bool kWrite, typename T, typename Elem, typename Vec>
-__device__ __forceinline__ void visit_chunk(T* x, int64_t n, Elem elem, Vec vec) {
-  constexpr int V = kVec<T>;
-  const int tid = threadIdx.x;
-  const int64_t head = head_elems(x, n);
-  if (tid < head) {
-    T e = x[tid];
+__device__ __forceinline__ void visit_chunk(T* x, int64_t n, int tid, int threads, Elem elem, Vec vec) {
+  const ChunkParts c = chunk_parts(reinterpret_cast<uintptr_t>(x), n, int(sizeof(T)));
+  uint4* v = reinterpret_cast<uint4*>(x + c.head);
+  auto scalar = [&](int64_t j) {
+    T e = x[j];
     elem(e);
-    if (kWrite) x[tid] = e;
-  }
-  uint4* v = reinterpret_cast<uint4*>(x + head);
-  const int64_t nv = (n - head) / V;
-  int64_t i = tid;
-  for (; i + (kUnroll - 1) * kThreads < nv; i += kUnroll * kThreads) {
+    if (kWrite) x[j] = e;
+  };
+  auto group = [&](int64_t i) {
     uint4 r[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * kThreads];
+    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * threads];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       vec(r[u]);
-      if (kWrite) v[i + u * kThreads] = r[u];
+      if (kWrite) v[i + u * threads] = r[u];
     }
-  }
-  for (; i < nv; i += kThreads) {
+  };
+  auto one = [&](int64_t i) {
     uint4 r = v[i];
     vec(r);
     if (kWrite) v[i] = r;
-  }
-  const int64_t t = head + nv * V + tid;
-  if (t < n) {
-    T e = x[t];
-    elem(e);
-    if (kWrite) x[t] = e;
-  }
+  };
+  visit_parts<kUnroll>(c, tid, threads, scalar, group, one);
 }
 
 // g(T&) applied to each of the V elements packed in a 16-byte vector.
@@ -126,59 +138,110 @@ __device__ __forceinline__ void each_in_vec(uint4& r, G g) {
 
 // This thread's share of one chunk's partial.
 template <NormKind K, typename T>
-__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p) {
+__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p,
+                                                                int tid, int threads) {
   using A = typename Acc<T>::type;
   A acc = identity<A>(K);
   auto one = [&](T& e) { acc = accumulate<K>(acc, widen(e), p); };
-  visit_chunk<false>(const_cast<T*>(x), n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
+  visit_chunk<false>(const_cast<T*>(x), n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
   return acc;
 }
 
-template <NormKind K, typename T>
+// One chunk's partial, reduced by the whole block (kBlock: every thread gets it) or by one warp (a pack member:
+// every lane gets it). Both are fixed orders: a chunk's partial depends on the chunk alone.
+template <NormKind K, bool kBlock, typename T>
 __device__ __forceinline__ double chunk_partial_t(const ChunkRef& c, double p, double* smem) {
   using A = typename Acc<T>::type;
   const A pa = static_cast<A>(p);
-  return static_cast<double>(block_combine(K, thread_partial<K>(static_cast<const T*>(c.data), c.size, pa), smem));
+  const T* x = static_cast<const T*>(c.data);
+  if constexpr (kBlock)
+    return static_cast<double>(block_combine(K, thread_partial<K>(x, c.size, pa, int(threadIdx.x), kThreads), smem));
+  else
+    return static_cast<double>(warp_combine(K, thread_partial<K>(x, c.size, pa, int(threadIdx.x & 31), 32)));
 }
 
 // One chunk's partial, in double (reduced in float, or double for double).
-template <NormKind K>
+template <NormKind K, bool kBlock>
 __device__ __forceinline__ double chunk_partial(const ChunkRef& c, double p, double* smem) {
   switch (c.dtype) {
-    case DType::F32: return chunk_partial_t<K, float>(c, p, smem);
-    case DType::F16: return chunk_partial_t<K, c10::Half>(c, p, smem);
-    case DType::BF16: return chunk_partial_t<K, c10::BFloat16>(c, p, smem);
-    default: return chunk_partial_t<K, double>(c, p, smem);
+    case DType::F32: return chunk_partial_t<K, kBlock, float>(c, p, smem);
+    case DType::F16: return chunk_partial_t<K, kBlock, c10::Half>(c, p, smem);
+    case DType::BF16: return chunk_partial_t<K, kBlock, c10::BFloat16>(c, p, smem);
+    default: return chunk_partial_t<K, kBlock, double>(c, p, smem);
   }
 }
 
-// x[i] = f(x[i]) over one chunk with the block's threads, in the accumulation type, 16 bytes at a time.
+// The partial of chunk k of a launch; every thread of the block gets it. A larger tensor's chunk is reduced by the
+// block; a pack's members by a warp each (member partials stored to tensor_partials[slot] when it is given: they are
+// the members' tensor partials), combined in warp order.
+template <NormKind K>
+__device__ double work_partial(const Slot* slots, int32_t n_tensors, int32_t k, double p, double* smem,
+                               double* tensor_partials) {
+  const int32_t owner = chunk_owner(slots, n_tensors, k);
+  if (!slot_small(slots[owner], kCudaChunk))
+    return chunk_partial<K, true>(owner_chunk(slots[owner], k, kCudaChunk), p, smem);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int32_t s = pack_member(slots, owner, k, warp, kCudaChunk);
+  double part = identity<double>(K);
+  if (s >= 0) {
+    part = chunk_partial<K, false>(slot_chunk(slots[s]), p, smem);
+    if (tensor_partials != nullptr && lane == 0) {
+      tensor_partials[s] = part;
+      __threadfence();  // visible device-wide before the block's ticket (the last block reads it)
+    }
+  }
+  if (lane == 0) smem[warp] = part;
+  __syncthreads();
+  double acc = identity<double>(K);
+  for (int w = 0; w < kWarps; ++w) acc = combine(K, acc, smem[w]);  // members first (warps 0 ..), then identities
+  __syncthreads();  // smem is reused
+  return acc;
+}
+
+// x[i] = f(x[i]) over one chunk with `threads` threads (this one `tid`), in the accumulation type, 16 bytes at a time.
 template <typename T, typename F>
-__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, F f) {
+__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, int tid, int threads, F f) {
   auto one = [&](T& e) { e = T(f(widen(e))); };
-  visit_chunk<true>(x, n, one, [&](uint4& r) { each_in_vec<T>(r, one); });
+  visit_chunk<true>(x, n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
 }
 
-__device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef) {
+__device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef, int tid, int threads) {
   const float m = static_cast<float>(coef);
+  auto f = [m](float v) { return v * m; };
   switch (c.dtype) {
-    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, [m](float v) { return v * m; });
-    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, [m](float v) { return v * m; });
-    case DType::BF16:
-      return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, [m](float v) { return v * m; });
-    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [coef](double v) { return v * coef; });
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, tid, threads, f);
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, tid, threads, f);
+    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, tid, threads, f);
+    default:
+      return map_chunk_t(static_cast<double*>(c.data), c.size, tid, threads, [coef](double v) { return v * coef; });
   }
 }
 
-__device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v) {
+__device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v, int tid, int threads) {
   const float lo = static_cast<float>(-v), hi = static_cast<float>(v);
   auto f = [lo, hi](float y) { return clamp_value(y, lo, hi); };
   switch (c.dtype) {
-    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, f);
-    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, f);
-    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, f);
-    default: return map_chunk_t(static_cast<double*>(c.data), c.size, [v](double y) { return clamp_value(y, -v, v); });
+    case DType::F32: return map_chunk_t(static_cast<float*>(c.data), c.size, tid, threads, f);
+    case DType::F16: return map_chunk_t(static_cast<c10::Half*>(c.data), c.size, tid, threads, f);
+    case DType::BF16: return map_chunk_t(static_cast<c10::BFloat16*>(c.data), c.size, tid, threads, f);
+    default:
+      return map_chunk_t(static_cast<double*>(c.data), c.size, tid, threads,
+                         [v](double y) { return clamp_value(y, -v, v); });
   }
+}
+
+// Applies f(chunk, tid, threads) to what this thread takes of chunk k of a launch: with the whole block, a larger
+// tensor's chunk; with its warp, one member of a pack. Tensors flagged skip_writes are left alone.
+template <typename F>
+__device__ __forceinline__ void for_work(const Slot* slots, int32_t n_tensors, int32_t k, F f) {
+  const int32_t owner = chunk_owner(slots, n_tensors, k);
+  if (!slot_small(slots[owner], kCudaChunk)) {
+    const ChunkRef c = owner_chunk(slots[owner], k, kCudaChunk);
+    if (!c.skip_writes) f(c, int(threadIdx.x), kThreads);
+    return;
+  }
+  const int32_t s = pack_member(slots, owner, k, int(threadIdx.x >> 5), kCudaChunk);
+  if (s >= 0 && !slot_skip_writes(slots[s])) f(slot_chunk(slots[s]), int(threadIdx.x & 31), 32);
 }
 
 __device__ __forceinline__ void store_as(void* out, DType dt, int64_t i, double v) {
@@ -208,9 +271,9 @@ struct NormArgs {
   double* total_acc;        // the unrounded total, read by the scale pass of a clip
   void* total_out;          // 0-d, out_dtype
   void* per_tensor_out;     // one per tensor, out_dtype; nullptr when not asked for
+  unsigned int* ticket;     // the call's last-block counter (zeroed by the launcher; unused by the fused kernel)
   int64_t plan_chunks;
   int32_t plan_tensors;
-  int32_t ticket;           // slot in g_tickets
   DType out_dtype;
   bool tensor_values;       // combine partials per tensor (per-tensor norms asked for, or p = 0)
 };
@@ -221,6 +284,17 @@ struct CoefArgs {
   DType total_dtype;
   bool f64;           // the coefficient in double (else float)
 };
+
+// Every kernel's parameters (its table and its other arguments, as the kernels below take them) fit what the driver
+// accepts: 32,764 bytes from CUDA 12.1 on, and 4,096 for the small-table kernels (all an older driver gets:
+// table_capacity).
+template <int N>
+constexpr bool params_fit(size_t limit) {
+  return param_bytes<Table<N>, NormArgs>() <= limit && param_bytes<Table<N>, CoefArgs>() <= limit &&
+         param_bytes<Table<N>, double>() <= limit && param_bytes<Table<N>, NormArgs, double, bool>() <= limit;
+}
+static_assert(params_fit<kLargeSlots>(kMaxParamBytes), "a large-table kernel's parameters exceed 32,764 bytes");
+static_assert(params_fit<kSmallSlots>(kMaxParamBytesOldDriver), "a small-table kernel's parameters exceed 4 KB");
 
 __device__ __forceinline__ double coefficient(const CoefArgs& c) {
   return coef_for(load_as(c.total, c.total_dtype), c.f64, c.max_norm);
@@ -239,21 +313,26 @@ __device__ double plan_total(const NormArgs& a, double* smem) {
   return finalize(K, block_combine(K, acc, smem), a.p);
 }
 
-// Run by the last block of a launch: per-tensor values of this launch's tensors (a warp per tensor), then, on the
-// plan's last launch, the total.
+// Run by the last block of a launch: per-tensor values of this launch's tensors (a warp per tensor: a pack member's
+// tensor partial was stored by the warp that reduced it, a larger tensor's combines its chunk partials), then, on
+// the plan's last launch, the total.
 template <NormKind K>
 __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormArgs& a, double* smem) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (a.tensor_values) {
     for (int t = warp; t < h.n_tensors; t += kWarps) {
-      const double* first = a.partials + h.chunk_base + slot_first_chunk(slots[t]);
-      const int64_t n = chunks_of(slot_numel(slots[t]), kCudaChunk);
       double acc = identity<double>(K);
-      for (int64_t i = lane; i < n; i += 32) acc = combine(K, acc, __ldcg(first + i));
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc = combine(K, acc, __shfl_xor_sync(0xffffffffu, acc, o));
+      const bool member = slot_small(slots[t], kCudaChunk);
+      if (member) {
+        acc = __ldcg(a.tensor_partials + h.tensor_base + t);
+      } else {
+        const double* first = a.partials + h.chunk_base + slot_first_chunk(slots[t]);
+        const int64_t n = chunks_of(slot_numel(slots[t]), kCudaChunk);
+        for (int64_t i = lane; i < n; i += 32) acc = combine(K, acc, __ldcg(first + i));
+        acc = warp_combine(K, acc);
+      }
       if (lane == 0) {
-        a.tensor_partials[h.tensor_base + t] = acc;
+        if (!member) a.tensor_partials[h.tensor_base + t] = acc;
         if (a.per_tensor_out) store_as(a.per_tensor_out, a.out_dtype, h.tensor_base + t, finalize(K, acc, a.p));
       }
     }
@@ -267,51 +346,56 @@ __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormA
   }
 }
 
-// One block per chunk; the last block to finish (ticket) finishes the launch.
+// One block per chunk (a pack: a warp per member); the last block to finish (ticket) finishes the launch.
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads) norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks)
+    norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
   __shared__ double smem[kWarps];
   __shared__ bool last_block;
   const int32_t k = static_cast<int32_t>(blockIdx.x);
   if (k < tab.h.n_chunks) {
-    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    const double part = work_partial<K>(tab.slots, tab.h.n_tensors, k, a.p, smem,
+                                        a.tensor_values ? a.tensor_partials + tab.h.tensor_base : nullptr);
     if (threadIdx.x == 0) a.partials[tab.h.chunk_base + k] = part;
   }
   if (threadIdx.x == 0) {
-    __threadfence();  // this block's partial is visible before its ticket is
-    last_block = atomicAdd(&g_tickets[a.ticket], 1u) == gridDim.x - 1;
+    __threadfence();  // this block's partial is visible device-wide before its ticket is
+    // Wraps to 0 after the last block: the call's next launch finds the counter ready.
+    last_block = atomicInc(a.ticket, gridDim.x - 1) == gridDim.x - 1;
   }
   __syncthreads();
   if (!last_block) return;
-  __threadfence();
-  if (threadIdx.x == 0) g_tickets[a.ticket] = 0;
+  __threadfence();  // every other block's partial (fenced before its ticket) is read after ours, from L2 (__ldcg)
   finish_norm<K>(tab.h, tab.slots, a, smem);
 }
 
 template <int N>
-__global__ void __launch_bounds__(kThreads) scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
+__global__ void __launch_bounds__(kThreads, kMapMinBlocks)
+    scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
   const double coef = coefficient(c);
   if (coef == 1.0) return;  // nothing to write
-  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
-  if (!chunk.skip_writes) scale_chunk(chunk, coef);
+  for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
+           [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
 }
 
 template <int N>
-__global__ void __launch_bounds__(kThreads) clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
-  const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x), kCudaChunk);
-  if (!chunk.skip_writes) clamp_chunk(chunk, v);
+__global__ void __launch_bounds__(kThreads, kMapMinBlocks)
+    clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
+  for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
+           [v](const ChunkRef& chunk, int tid, int threads) { clamp_chunk(chunk, v, tid, threads); });
 }
 
-// The whole clip in one cooperative launch: each block reduces chunks blockIdx.x, + gridDim.x, ...; the grid meets
+// The whole clip in one cooperative launch: each block reduces chunks (packs as in norm_kernel, so the partials are
+// the two-launch path's) blockIdx.x, + gridDim.x, ...; the grid meets
 // at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads) fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a,
-                                                              const double max_norm, const bool f64) {
+__global__ void __launch_bounds__(kThreads, kNormMinBlocks)
+    fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const bool f64) {
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
   for (int32_t k = b; k < n; k += g) {
-    const double part = chunk_partial<K>(locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk), a.p, smem);
+    const double part = work_partial<K>(tab.slots, tab.h.n_tensors, k, a.p, smem, nullptr);
     if (threadIdx.x == 0) a.partials[k] = part;
   }
   cooperative_groups::this_grid().sync();
@@ -322,10 +406,9 @@ __global__ void __launch_bounds__(kThreads) fused_clip_kernel(const __grid_const
   }
   const double coef = coef_for(total, f64, max_norm);
   if (coef == 1.0 || b >= n) return;
-  for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g) {
-    const ChunkRef chunk = locate_chunk(tab.slots, tab.h.n_tensors, k, kCudaChunk);
-    if (!chunk.skip_writes) scale_chunk(chunk, coef);
-  }
+  for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g)
+    for_work(tab.slots, tab.h.n_tensors, k,
+             [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
 }
 
 // ---- host side ----
@@ -391,39 +474,32 @@ int blocks_per_sm(const void* fn, int dev) {
   return cache.emplace(std::make_pair(fn, dev), nb).first->second;
 }
 
-// Sets whose bytes are at most this take the fused single launch: 80% of L2 unless GRADCLIP_CUDA_FUSED_MAX_BYTES says
-// otherwise (0 turns the fused path off).
-int64_t fused_max_bytes(const DeviceInfo& d) {
-  const char* env = std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES");  // read per call: tests and the benchmark set it
-  return env ? std::atoll(env) : d.l2_bytes / 5 * 4;
+// The driver's CUDA version (cudaDriverGetVersion), read once per process: below 12.1 kernel parameters are limited
+// to 4 KB, so only the small table is launched (table_capacity).
+int driver_version() {
+  static const int v = [] {
+    int d = 0;
+    C10_CUDA_CHECK(cudaDriverGetVersion(&d));
+    return d;
+  }();
+  return v;
 }
 
-// Each stream gets its own ticket slot (first half of the array), so kernels on concurrent streams never share one.
-// A launch captured into a CUDA graph gets a slot of its own (second half), so that replays, on whatever stream,
-// never share a ticket with eager work.
-int32_t ticket_slot(int dev, cudaStream_t stream) {
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  static std::mutex m;
-  static std::map<std::pair<int, cudaStream_t>, int32_t> slots;
-  static int32_t next = 0, next_captured = 0;
-  constexpr int32_t kHalf = kTicketSlots / 2;
-  std::lock_guard<std::mutex> lock(m);
-  if (capture == cudaStreamCaptureStatusActive) {
-    next_captured = (next_captured + 1) % kHalf;
-    return kHalf + next_captured;
-  }
-  auto [it, inserted] = slots.try_emplace({dev, stream}, next);
-  if (inserted) next = (next + 1) % kHalf;
-  return it->second;
-}
+// Devices on which an eager fused launch has succeeded (bit d for device d < 64): under graph capture the fused path
+// is taken only there (take_fused).
+std::atomic<uint64_t> g_eager_fused_ok{0};
+
+bool eager_fused_ok(int dev) { return dev >= 0 && dev < 64 && ((g_eager_fused_ok.load() >> dev) & 1u); }
 
 // The launch tables of a plan, built in the layout the kernels take (Table<capacity>), cached per thread and reused
-// while the tensors (data pointers, sizes, dtypes) are the ones of the last call.
+// while the tensors (data pointers, sizes, dtypes) and the capacity are the ones of the last call, and, for a pass
+// that writes, only if the cached tables carry the write-skip flags (tables built for a norm carry none; the norm
+// kernels ignore the flags, so tables with them serve a norm too).
 struct Launches {
   int device = -1;
   std::vector<TensorRef> key;
   int capacity = kSmallSlots;
+  bool skips = false;  // built with the plan's write-skip flags
   std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity>
   int64_t plan_chunks = 0;
   int64_t bytes = 0;
@@ -449,15 +525,21 @@ std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
 
 const Launches& launches_for(const Plan& plan, int dev) {
   thread_local Launches cache;
-  if (plan.copies.empty() && cache.device == dev && same_tensors(cache.key, plan.tensors)) {
+  const char* small_env = std::getenv("GRADCLIP_CUDA_SMALL_TABLES");  // per call: tests cut a set with it
+  const int capacity = table_capacity(static_cast<int64_t>(plan.tensors.size()), driver_version(),
+                                      small_env != nullptr && std::strcmp(small_env, "1") == 0);
+  if (plan.copies.empty() && cache.device == dev && cache.capacity == capacity && (cache.skips || !plan.writes) &&
+      same_tensors(cache.key, plan.tensors)) {
     t_info.cached = true;
     return cache;
   }
-  const int capacity = plan.tensors.size() <= size_t(kSmallSlots) ? kSmallSlots : kLargeSlots;
-  const std::vector<LaunchSpec> specs = build_launches(plan.tensors, plan.skips.skip, kCudaChunk, capacity);
+  const std::vector<char> no_skips;
+  const std::vector<LaunchSpec> specs =
+      build_launches(plan.tensors, plan.writes ? plan.skips.skip : no_skips, kCudaChunk, capacity);
   cache.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
   cache.key = plan.tensors;
   cache.capacity = capacity;
+  cache.skips = plan.writes;
   cache.tables.clear();
   for (const LaunchSpec& l : specs)
     cache.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
@@ -472,12 +554,14 @@ void launch(const void* fn, int32_t blocks, void** args, cudaStream_t stream) {
   t_info.launches += 1;
 }
 
-// Everything a call needs: the plan (checked), its launch tables, the device, the stream.
+// Everything a call needs: the plan (checked; for a pass that writes, with its write skips, so partial overlaps raise
+// before anything is written), its launch tables, the device, the stream, whether the stream is capturing a graph.
 struct Call {
   c10::cuda::CUDAGuard guard;
   Plan plan;
   cudaStream_t stream;
   int dev;
+  bool capturing;
   const Launches* launches;
   at::TensorOptions opts;
 
@@ -491,6 +575,9 @@ struct Call {
     t_info = {};
     dev = xs[0].device().index();
     stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
+    capturing = cs != cudaStreamCaptureStatusNone;
     launches = &launches_for(plan, dev);
     opts = at::TensorOptions().device(xs[0].device());
   }
@@ -512,25 +599,26 @@ struct NormOut {
   double* total_acc;
 };
 
-// The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total), and its kernel arguments
-// (ticket left for the caller: the fused kernel takes none).
+// The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total, the ticket word), and its
+// kernel arguments. The ticket word is zeroed by launch_norm only (the fused kernel takes no ticket).
 NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o) {
   const Launches& L = *c.launches;
   const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
-  o.scratch = at::empty({L.plan_chunks + nt + 1}, c.opts.dtype(at::kDouble));
+  o.scratch = at::empty({L.plan_chunks + nt + 2}, c.opts.dtype(at::kDouble));
   o.total = at::empty({}, c.opts.dtype(c.plan.result_dtype));
   o.per_tensor = at::empty({per_tensor ? nt : 0}, c.opts.dtype(c.plan.result_dtype));
   double* s = o.scratch.data_ptr<double>();
   o.total_acc = s + L.plan_chunks + nt;
   return {p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
-          L.plan_chunks, static_cast<int32_t>(nt), 0, dtype_of(c.plan.result_dtype),
-          per_tensor || norm_kind(p) == NormKind::L0};
+          reinterpret_cast<unsigned int*>(o.total_acc + 1), L.plan_chunks, static_cast<int32_t>(nt),
+          dtype_of(c.plan.result_dtype), per_tensor || norm_kind(p) == NormKind::L0};
 }
 
 NormOut launch_norm(Call& c, double p, bool per_tensor) {
   NormOut o;
   NormArgs a = prepare_norm(c, p, per_tensor, o);
-  a.ticket = ticket_slot(c.dev, c.stream);
+  C10_CUDA_CHECK(cudaMemsetAsync(a.ticket, 0, sizeof(unsigned int), c.stream));
+  t_info.memsets += 1;
   const NormKind k = norm_kind(p);
   launch_tables(c, pick(c.launches->capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k)), &a, true);
   return o;
@@ -541,13 +629,14 @@ void launch_scale(Call& c, CoefArgs coef) {
                         reinterpret_cast<const void*>(scale_kernel<kLargeSlots>)), &coef, false);
 }
 
-// The fused single launch, when the set fits in L2, fits one launch, and the device co-schedules the grid.
+// The fused single launch, when take_fused says so and the grid fits the device.
 bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   const Launches& L = *c.launches;
   const NormKind k = norm_kind(p);
   const DeviceInfo& d = device_info(c.dev);
-  if (L.tables.size() != 1 || k == NormKind::L0 || L.plan_chunks == 0 || !d.cooperative ||
-      L.bytes > fused_max_bytes(d))
+  if (!take_fused(c.capturing, eager_fused_ok(c.dev), L.tables.size() == 1, L.bytes,
+                  fused_max_bytes(d.l2_bytes, std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES")), k == NormKind::L0,
+                  d.cooperative))
     return false;
   const void* fn = pick(L.capacity, fused_fn<kSmallSlots>(k), fused_fn<kLargeSlots>(k));
   const int resident = blocks_per_sm(fn, c.dev) * d.sms;
@@ -557,9 +646,12 @@ bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
   const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
   if (cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream) != cudaSuccess) {
-    (void)cudaGetLastError();  // not co-schedulable after all (say, under MPS limits): two launches instead
+    // Not co-schedulable after all (say, under MPS limits): two launches instead. Never reached under capture
+    // unless an eager fused launch succeeded on this device before (take_fused).
+    (void)cudaGetLastError();
     return false;
   }
+  if (!c.capturing && c.dev >= 0 && c.dev < 64) g_eager_fused_ok.fetch_or(uint64_t(1) << c.dev);
   t_info.launches += 1;
   t_info.fused = true;
   return true;
@@ -577,7 +669,7 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, dou
 
 void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm) {
   TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
-  Call c(xs, {});
+  Call c(xs, {false, 2.0, true});
   if (c.launches->plan_chunks == 0) return;
   at::Tensor t = total.to(xs[0].device());  // no copy when it is there already
   const auto st = t.scalar_type();
@@ -589,7 +681,7 @@ void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double 
 }
 
 at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
-  Call c(xs, {true, p});
+  Call c(xs, {true, p, true});
   NormOut o;
   if (!try_fused(c, p, max_norm, o)) {
     o = launch_norm(c, p, false);
@@ -601,7 +693,7 @@ at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
 }
 
 void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
-  Call c(xs, {});
+  Call c(xs, {false, 2.0, true});
   launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
                         reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>)), &clip_value, false);
   finish_writes(c.plan);

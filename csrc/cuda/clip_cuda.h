@@ -12,10 +12,11 @@ void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double 
 at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p);
 void clip_grad_value_cuda(at::TensorList xs, double clip_value);
 
-// What the last call on this thread did: kernel launches, whether it took the fused single launch, whether its
-// launch tables came from the cache. For tests and the benchmark.
+// What the last call on this thread did: kernel launches, memsets (the norm's ticket word), whether it took the fused
+// single launch, whether its launch tables came from the cache. For tests and the benchmark.
 struct CudaCallInfo {
   int launches = 0;
+  int memsets = 0;
   bool fused = false;
   bool cached = false;
 };
