@@ -320,11 +320,13 @@ def _counts(device, fn, params, grads, max_norm):
     """Kernel launches and host syncs of one call (GPU only)."""
     if device != "cuda":
         return {}
-    from bench.counters import device_ops, host_syncs
+    from bench.counters import device_ops, host_syncs, is_kernel
     _restore(params, grads)
-    launches = len(device_ops(lambda: fn(params, max_norm)))
+    ops_ = device_ops(lambda: fn(params, max_norm))
+    launches = sum(map(is_kernel, ops_))  # kernels only; memsets and copies are counted apart
+    other = len(ops_) - launches
     _restore(params, grads)
-    return {"launches": launches, "syncs": host_syncs(lambda: fn(params, max_norm))}
+    return {"launches": launches, "memsets_copies": other, "syncs": host_syncs(lambda: fn(params, max_norm))}
 
 
 def _commit():
