@@ -1,23 +1,28 @@
 """Benchmark: gradclip_cuda against torch.nn.utils.clip_grad_norm_ on real models' gradient sets.
 
-    python -m bench                      # every set, every provider, on the CPU; writes bench/results/
+    python -m bench                      # every set, the core providers; about 3 minutes on 2 CPU cores
     python -m bench --quick              # a short run (under a minute)
+    python -m bench --compile            # adds torch.compile of torch's recipe (minutes of compiling per set)
     python -m bench --sets gpt2-124m-fp32 5000x256-fp32 --providers torch-foreach gradclip
 
-Providers: torch.nn.utils.clip_grad_norm_ (foreach and per-tensor), torch.compile of it (compile time bounded by
---compile-timeout; a set that does not compile in time is reported so), apex.contrib.clip_grad when apex imports,
-and gradclip_cuda's backends (auto, cuda, triton, cpu, and the pure-PyTorch kernels) where they run on the device.
-Triton on the CPU runs in its interpreter: far too slow to time, so it is left out there unless named.
+Providers: torch.nn.utils.clip_grad_norm_ (foreach and per-tensor), torch.compile of it (opt-in: --compile, or
+named; compile time bounded by --compile-timeout), apex.contrib.clip_grad when apex imports, and gradclip_cuda's
+backends (auto, cuda, triton, cpu, and the pure-PyTorch kernels) where they run on the device. Triton on the CPU
+runs in its interpreter: far too slow to time, so it is left out there unless named.
 
 Each provider is first checked against torch's result and a float64 reference (total and gradients), within the
 inputs' precision or torch's own error, whichever is larger; one that disagrees is reported as wrong and not timed.
 Then each call is timed alone (perf_counter on the CPU, CUDA events on a GPU) after the gradients are restored from
 a pristine copy outside the timed region, so every clipped call really clips; on a GPU the calls rotate over several
-copies of the gradients so that L2 does not flatter. Reported: median and interquartile time, speed-up against
-torch's foreach implementation, effective GB/s (N bytes read for an unclipped step, 3N read and written for a clipped
-one, the same count for every provider), that bandwidth as a share of a device-to-device copy (2N bytes moved)
-measured in the same run, and on a GPU kernel launches and host syncs per call.
-Writes bench/results/<device>-<date>.json, .md and .png (speed-up per set).
+copies of the gradients so that L2 does not flatter. Interleaved with the timed calls, the harness times the floor of
+each step: the least work any clip of the set must do, on one flat float32 tensor of the set's byte size (unclipped:
+one reduction, N bytes read; clipped: a reduction and an in-place multiply, 3N bytes moved). Reported per row: median
+and minimum time (the minimum is the robust figure for memory-bound work on a noisy machine), interquartile range,
+speed-up against torch's foreach implementation, the floor's median time and the share of it the row reaches
+(floor / row: 100% means as fast as the bare passes), and on a GPU kernel launches and host syncs per call. A row
+whose spread (IQR) exceeds half its median is timed again once; if it is still that noisy it is flagged and kept out
+of the headline. Writes <device>-<date>.json, .md and .png (speed-up per set) to bench/results/runs/ (not tracked
+by git); publish a run with --out bench/results.
 """
 from __future__ import annotations
 
@@ -89,8 +94,10 @@ def available(provider, device):
     return None
 
 
-def default_providers(device, quick):
+def default_providers(device, quick, compile_=False):
     skip = {"gradclip-triton"} if device == "cpu" else set()  # the interpreter: not worth timing
+    if not compile_:
+        skip.add("torch-compile")  # opt-in: compiling torch's recipe takes minutes per set on a CPU
     if quick:
         skip |= {"torch-compile", "torch-per-tensor"}
     return [p for p in PROVIDERS if p not in skip and available(p, device) is None]
@@ -124,17 +131,41 @@ def _bounded(seconds, fn):
 
 
 class Progress:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on stderr, redrawn every second (so it keeps ticking during a long step)."""
 
     def __init__(self, total):
-        self.total, self.done, self.t0 = max(total, 1), 0, time.perf_counter()
+        import threading
+        self.total, self.done, self.t0, self.what = max(total, 1), 0, time.perf_counter(), ""
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._tick, daemon=True)
+        self._thread.start()
 
-    def step(self, what):
-        self.done += 1
+    def _draw(self, end=""):
         n = 30 * self.done // self.total
         print(f"\r[{'#' * n}{'.' * (30 - n)}] {self.done}/{self.total} {time.perf_counter() - self.t0:5.0f}s "
-              f"{what[:60]:60s}", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
+              f"{self.what[:60]:60s}", end=end, file=sys.stderr, flush=True)
+
+    def _tick(self):
+        while not self._stop.wait(1.0):
+            with self._lock:
+                self._draw()
+
+    def step(self, what):
+        with self._lock:
+            self.done += 1
+            self.what = what
+            self._draw()
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        with self._lock:
+            self._draw("\n")
+
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RUNS = os.path.join(RESULTS, "runs")  # where a run writes by default: ignored by git; published runs go to RESULTS
+NOISY = 0.5  # IQR / median above which a row is timed again, and flagged if it stays so
 
 
 def _sync(device):
@@ -190,11 +221,35 @@ def _agrees(provider, pristine, max_norm, ref, theirs, tol):
     return None
 
 
-def _copy_gbps(nbytes, device, repeats):
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    times = [_time_once(device, lambda: dst.copy_(src)) for _ in range(repeats + 1)][1:]
-    return 2 * nbytes / statistics.median(times) / 1e9
+def _floor(nbytes, device):
+    """The floor steps of a set of `nbytes` bytes, on one flat float32 tensor: (unclipped: one reduction, clipped: a
+    reduction and an in-place multiply). The multiply is by -1 so that repeats neither underflow nor overflow."""
+    flat = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_(0.5, 1.5)
+    return {"unclipped": lambda: torch.linalg.vector_norm(flat),
+            "clipped": lambda: (torch.linalg.vector_norm(flat), flat.mul_(-1.0))}
+
+
+def _time_calls(device, fn, sets, grads, max_norm, floor, repeats):
+    """(call times, floor times), sorted: each repeat times the floor step, then restores the gradients and times
+    one call, so that both see the same state of the machine. The first repeat warms up and is dropped."""
+    calls, floors = [], []
+    for i in range(repeats + 1):
+        params = sets[i % len(sets)]
+        f = _time_once(device, floor)
+        _restore(params, grads)
+        _sync(device)
+        t = _time_once(device, lambda: fn(params, max_norm))
+        if i:
+            calls.append(t)
+            floors.append(f)
+    return sorted(calls), sorted(floors)
+
+
+def _iqr(times):
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return q3 - q1
 
 
 def _copies(nbytes, device):
@@ -215,7 +270,7 @@ def run_set(name, providers, device, repeats, scale, compile_timeout, progress=N
     low = any(g.dtype in (torch.float16, torch.bfloat16) for g in grads)
     theirs = float(torch.nn.utils.get_total_norm(grads))
     tol = max(2e-2 if low else 1e-4, 2 * abs(theirs - total) / total)
-    copy = _copy_gbps(nbytes, device, repeats)
+    floors = _floor(nbytes, device)
     rows = []
     not_compiled = {}  # a set that did not compile for one step is not tried again for the other
     n_copies = _copies(nbytes, device)
@@ -245,18 +300,13 @@ def run_set(name, providers, device, repeats, scale, compile_timeout, progress=N
                 continue
             fn = PROVIDERS[provider]
             sets = [_params(grads) for _ in range(n_copies)]
-            times = []
-            for i in range(repeats + 1):  # the first call warms up and is dropped
-                params = sets[i % n_copies]
-                _restore(params, grads)
-                _sync(device)
-                times.append(_time_once(device, lambda: fn(params, max_norm)))
-            times = sorted(times[1:])
-            med = statistics.median(times)
-            q1, q3 = (statistics.quantiles(times, n=4)[::2] if len(times) > 1 else (med, med))
-            gbps = moved / med / 1e9
-            rows.append({**row, "median_ms": med * 1e3, "iqr_ms": (q3 - q1) * 1e3, "gbps": gbps,
-                         "copy_share": gbps / copy, "copy_gbps": copy, "copies": n_copies,
+            times, floor = _time_calls(device, fn, sets, grads, max_norm, floors[regime], repeats)
+            if _iqr(times) > NOISY * statistics.median(times):  # a busy moment: once more
+                times, floor = _time_calls(device, fn, sets, grads, max_norm, floors[regime], repeats)
+            med, floor_med = statistics.median(times), statistics.median(floor)
+            rows.append({**row, "median_ms": med * 1e3, "min_ms": times[0] * 1e3, "iqr_ms": _iqr(times) * 1e3,
+                         "noisy": _iqr(times) > NOISY * med, "gbps": moved / med / 1e9, "floor_ms": floor_med * 1e3,
+                         "floor_share": floor_med / med, "copies": n_copies,
                          **_counts(device, fn, sets[0], grads, max_norm)})
         base = next((r for r in rows if r["regime"] == regime and r["provider"] == BASELINE and "median_ms" in r),
                     None)
@@ -307,26 +357,50 @@ def _fmt(r, key, spec, default="-"):
     return format(r[key], spec) if key in r else default
 
 
+def headline(rows):
+    """(set, clipped speed-up, unclipped speed-up) of gradclip (auto) against torch foreach, None where either row
+    is missing or flagged noisy."""
+    out = []
+    for name in dict.fromkeys(r["set"] for r in rows):
+        cells = []
+        for regime in ("clipped", "unclipped"):
+            pair = [next((r for r in rows if r["set"] == name and r["regime"] == regime and r["provider"] == p
+                          and "median_ms" in r), None) for p in ("gradclip", BASELINE)]
+            ok = all(r is not None and not r["noisy"] for r in pair)
+            cells.append(pair[1]["median_ms"] / pair[0]["median_ms"] if ok else None)
+        out.append((name, *cells))
+    return out
+
+
 def markdown(stamp, rows):
     lines = [f"# gradclip_cuda benchmark: {stamp['device_name']} ({stamp['device']}, {stamp['threads']} threads)",
              "", f"torch {stamp['torch']}, CUDA {stamp['cuda']}, Triton {stamp['triton']}, commit {stamp['commit']}, "
              f"{stamp['date']}.",
-             "Median of single calls; speed-up against torch.nn.utils.clip_grad_norm_(foreach=True) in the same "
-             "run; GB/s counts N bytes for an unclipped step and 3N for a clipped one; copy share is that over a "
-             "device copy (2N bytes moved) measured in the same run; launches and syncs per call on a GPU.", "",
-             "| set | tensors | MB | scale | step | provider | median ms | IQR ms | speed-up | GB/s | copy share "
-             "| launches | syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Median and minimum of single calls; speed-up: torch.nn.utils.clip_grad_norm_(foreach=True)'s median "
+             "over the row's, in the same run. Floor: the bare passes any clip of the set needs, on one flat float32 "
+             "tensor of its byte size (unclipped: one reduction; clipped: a reduction and an in-place multiply), "
+             "timed interleaved with the row's calls; floor share = floor / row (100%: as fast as the bare passes). "
+             "Noisy: the IQR stayed above half the median after a second timing; such rows are left out of the "
+             "headline. Launches and syncs per call on a GPU.", "",
+             "| set | tensors | MB | scale | step | provider | median ms | min ms | IQR ms | speed-up | floor ms "
+             "| floor share | launches | syncs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = f"| {r['set']} | {r['tensors']} | {r['bytes'] / 1e6:.1f} | {r['scale']:.3g} | {r['regime']} | " \
                f"{r['provider']} |"
         if "wrong" in r or "skipped" in r:
             lines.append(head + (f" wrong: {r['wrong']}" if "wrong" in r else f" not run: {r['skipped']}")
-                         + " | | | | | | |")
+                         + " | | | | | | | |")
         else:
-            lines.append(head + f" {r['median_ms']:.3f} | {r['iqr_ms']:.3f} | {_fmt(r, 'speedup', '.2f')}x"
-                         f" | {r['gbps']:.1f} | {r['copy_share']:.0%} | {_fmt(r, 'launches', 'd')} |"
-                         f" {_fmt(r, 'syncs', 'd')} |")
+            noisy = " (noisy)" if r["noisy"] else ""
+            lines.append(head + f" {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['iqr_ms']:.3f} |"
+                         f" {_fmt(r, 'speedup', '.2f')}x{noisy} | {r['floor_ms']:.3f} | {r['floor_share']:.0%} |"
+                         f" {_fmt(r, 'launches', 'd')} | {_fmt(r, 'syncs', 'd')} |")
+    lines += ["", "Headline: gradclip (backend auto) against torch foreach, speed-up of the median "
+              "(rows flagged noisy left out).", "", "| set | clipped | unclipped |", "|---|---|---|"]
+    for name, clipped, unclipped in headline(rows):
+        lines.append(f"| {name} | " + " | ".join("noisy or missing: re-run" if x is None else f"{x:.2f}x"
+                                                 for x in (clipped, unclipped)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -335,7 +409,7 @@ def plot(stamp, rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    timed = [r for r in rows if "speedup" in r]
+    timed = [r for r in rows if "speedup" in r and not r["noisy"]]
     sets = list(dict.fromkeys(r["set"] for r in timed))
     providers = list(dict.fromkeys(r["provider"] for r in timed))
     fig, axes = plt.subplots(1, 2, figsize=(14, 5), sharey=True)
@@ -360,21 +434,30 @@ def plot(stamp, rows, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--sets", nargs="+", default=None, choices=list(gsets.SETS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                    help="where the gradients live (default: cuda when a GPU is visible, else cpu)")
+    ap.add_argument("--sets", nargs="+", default=None, choices=list(gsets.SETS),
+                    help="gradient sets to run (default: all; with --quick three of them)")
     ap.add_argument("--providers", nargs="+", default=None, choices=list(PROVIDERS),
-                    help="default: every provider that runs on the device (on the CPU, Triton only when named)")
+                    help="default: every provider that runs on the device, but torch-compile (--compile) and, on the "
+                         "CPU, Triton")
+    ap.add_argument("--compile", action="store_true", help="add torch.compile of torch's recipe to the providers")
     ap.add_argument("--compile-timeout", type=float, default=None,
                     help="seconds torch.compile may take per set before it is reported as not compiled (default 300)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 11, quick 5)")
-    ap.add_argument("--scale", type=float, default=None, help="override the size scale of every set")
+    ap.add_argument("--repeats", type=int, default=None, help="timed calls per provider (default 9, quick 5)")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="fraction of each tensor's leading dimension kept, for every set (default: the real shapes on "
+                         "a GPU while they fit an eighth of its memory; on the CPU each set shrunk to about "
+                         f"{gsets.CPU_BYTES / 1e6:.0f} MB)")
     ap.add_argument("--quick", action="store_true", help="small sets, few repeats: under a minute on a CPU")
-    ap.add_argument("--out", default=RESULTS, help="folder for the JSON and Markdown results")
+    ap.add_argument("--out", default=RUNS,
+                    help="folder for the JSON, Markdown and PNG results (default bench/results/runs, not tracked; "
+                         "published runs: --out bench/results)")
     ap.add_argument("--no-save", action="store_true", help="print only")
     args = ap.parse_args(argv)
     names = args.sets or (["gpt2-124m-fp32", "5000x256-fp32", "resnet50-fp32"] if args.quick else list(gsets.SETS))
-    repeats = args.repeats or (5 if args.quick else 11)
-    providers = args.providers or default_providers(args.device, args.quick)
+    repeats = args.repeats or (5 if args.quick else 9)
+    providers = args.providers or default_providers(args.device, args.quick, args.compile)
     if BASELINE not in providers:
         providers = [BASELINE] + providers
     compile_timeout = args.compile_timeout if args.compile_timeout is not None else 300
@@ -383,6 +466,7 @@ def main(argv=None):
     for name in names:
         scale = args.scale or gsets.scale_for(name, args.device, 50e6 if args.quick else None)
         rows += run_set(name, providers, args.device, repeats, scale, compile_timeout, progress)
+    progress.close()
     stamp = _stamp(args.device)
     md = markdown(stamp, rows)
     print(md)

@@ -49,7 +49,7 @@ SETS = {
     "mixed-fp32-bf16-fp16": (_gpt2_124m() * 2, [torch.float32, torch.bfloat16, torch.float16]),
 }
 # What fits where: the full sets on a GPU; on the CPU the big ones shrink so that a run stays short.
-CPU_BYTES = 600e6
+CPU_BYTES = 300e6
 
 
 def scale_for(name: str, device: str, limit: float | None = None) -> float:

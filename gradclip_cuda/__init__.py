@@ -15,7 +15,7 @@ from .api import (BACKENDS, available_backends, clip_grad_norm_, clip_grad_value
 __version__ = "0.1.0"
 
 
-def _build_config():
+def _built_with():
     try:
         from . import _build_config as c  # written by setup.py
     except ImportError:
@@ -28,7 +28,7 @@ def build_info() -> dict:
     versions, the GPU architectures its CUDA kernels were compiled for (``cuda_archs``, None without them), and why
     the CUDA kernels were left out of the build (``why_no_cuda``), if they were."""
     built = _ops.BUILD or {}
-    archs, why_no_cuda = _build_config()
+    archs, why_no_cuda = _built_with()
     return {
         "version": __version__,
         "torch": _torch.__version__,
