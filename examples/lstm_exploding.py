@@ -149,6 +149,12 @@ def plot(results: dict, path: str, title: str) -> None:
         steps = range(1, len(r["loss"]) + 1)
         ax_loss.plot(steps, r["loss"], color=color, ls=ls, lw=1, label=run)
         ax_norm.plot(steps, r["grad_norm"], color=color, ls=ls, lw=1, label=run)
+        bad = next((i for i, v in enumerate(r["loss"], 1) if not math.isfinite(v)), None)
+        if bad is not None:  # the line ends there: mark where
+            for ax in (ax_loss, ax_norm):
+                ax.axvline(bad, color=color, ls=":", lw=1)
+            ax_loss.annotate(f"{run}: loss non-finite from step {bad}", (bad, 1), xytext=(6, 0),
+                             textcoords="offset points", color=color, fontsize=8)
     ax_loss.set_yscale("log")
     ax_loss.set_ylabel("training loss (MSE, log)")
     ax_norm.set_yscale("log")
