@@ -169,7 +169,7 @@ def plot(results: dict, path: str, title: str) -> None:
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=None, help="default 200, or 2000 with --long")
     ap.add_argument("--long", action="store_true", help="2000 steps (unless --steps is given)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=32)
@@ -182,8 +182,8 @@ def parse(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "lstm_exploding.png"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    if args.long and "--steps" not in (argv if argv is not None else sys.argv):
-        args.steps = 2000
+    if args.steps is None:
+        args.steps = 2000 if args.long else 200
     return args
 
 

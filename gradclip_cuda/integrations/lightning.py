@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from ..api import patch_torch
 
-
+# lightning's Callback when `lightning` is installed, else pytorch_lightning's (for pytorch_lightning.Trainer alone).
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:
