@@ -454,7 +454,11 @@ def main(argv=None):
                     help="folder for the JSON, Markdown and PNG results (default bench/results/runs, not tracked; "
                          "published runs: --out bench/results)")
     ap.add_argument("--no-save", action="store_true", help="print only")
+    ap.add_argument("--step", action="store_true",
+                    help="time the whole post-backward step instead (unscale, clip, fused AdamW): bench/step.py")
     args = ap.parse_args(argv)
+    if args.step:
+        return _main_step(args)
     names = args.sets or (["gpt2-124m-fp32", "5000x256-fp32", "resnet50-fp32"] if args.quick else list(gsets.SETS))
     repeats = args.repeats or (5 if args.quick else 9)
     providers = args.providers or default_providers(args.device, args.quick, args.compile)
@@ -483,6 +487,28 @@ def main(argv=None):
         except ImportError as e:  # a GPU machine without matplotlib still gets its tables
             print(f"no plot: {e}", file=sys.stderr)
         print(f"wrote {base}.json, .md and .png", file=sys.stderr)
+    return rows
+
+
+def _main_step(args):
+    from bench import step
+    names = args.sets or list(step.SETS)
+    unknown = [n for n in names if n not in step.SETS]
+    if unknown:
+        raise SystemExit(f"--step runs the sets {list(step.SETS)}, not {unknown}")
+    rows = step.run(names, args.device, args.repeats or 7, args.scale, lambda fn: _time_once(args.device, fn),
+                    lambda: _sync(args.device))
+    stamp = _stamp(args.device)
+    md = step.markdown(rows, stamp)
+    print(md)
+    if not args.no_save:
+        os.makedirs(args.out, exist_ok=True)
+        base = os.path.join(args.out, f"{args.device}-step-{stamp['date']}")
+        with open(base + ".json", "w") as f:
+            json.dump({"stamp": stamp, "rows": rows}, f, indent=1)
+        with open(base + ".md", "w") as f:
+            f.write(md)
+        print(f"wrote {base}.json and .md", file=sys.stderr)
     return rows
 
 

@@ -230,13 +230,22 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None, *, backend: str = "auto") -> torch.Tensor:
+                    foreach=None, *, backend: str = "auto", scaler=None, optimizer=None, defer: bool = False,
+                    skip_nonfinite: bool = False) -> torch.Tensor:
     """Same as ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of ``parameters``,
-    scales them in place by ``min(max_norm / (total + 1e-6), 1)`` and returns the total."""
+    scales them in place by ``min(max_norm / (total + 1e-6), 1)`` and returns the total.
+
+    Keyword-only, for mixed precision and the optimizer step (gradclip_cuda/amp.py): ``scaler`` (a GradScaler that
+    scaled this step's loss, with ``optimizer``) unscales and clips in one multiply and leaves the scaler as its
+    ``unscale_`` would; ``defer=True`` hands the coefficient to a fused optimizer's next step instead of writing;
+    ``skip_nonfinite=True`` skips that step on a non-finite total, without a host sync."""
     params = _as_list(parameters, warn_empty_generator=True)
     max_norm = _max_norm(max_norm)
     p = _norm_type(norm_type)
     _check_backend(backend)
+    if scaler is not None or optimizer is not None or defer or skip_nonfinite:
+        return _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer,
+                                    defer, skip_nonfinite)
     devices = _fast(backend)
     if devices and not error_if_nonfinite:
         total = _ops.C.fast(params, True, devices, _CLIP, max_norm, p)
@@ -255,6 +264,20 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
             _check_finite(total, p)
         _scale(groups, total, max_norm)
         return total
+
+
+def _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer, defer,
+                         skip_nonfinite) -> torch.Tensor:
+    from . import amp
+    hand_off = amp.check(params, scaler, optimizer, defer, skip_nonfinite)
+    with torch.no_grad():
+        grads = [g.grad for g in params if g.grad is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        total = _total(_groups(grads, foreach, backend, writes=not hand_off), p)  # one read pass
+        if error_if_nonfinite:
+            _check_finite(total, p)
+        return amp.apply(params, grads, total, max_norm, scaler, optimizer, hand_off, skip_nonfinite)
 
 
 def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: str = "auto") -> None:

@@ -88,3 +88,13 @@ def test_noisy_rows_are_timed_again_flagged_and_kept_out_of_the_headline(monkeyp
     assert len(calls) == 2 * (2 * 5 + 1)  # per step: the check, then 5 timed calls twice (timed again once)
     assert harness.headline(rows) == [("5000x256-fp32", None, None)]
     assert "noisy or missing: re-run" in harness.markdown(harness._stamp("cpu"), rows)
+
+
+def test_step_benchmark_runs_every_recipe_and_checks_they_train_alike():
+    rows = harness.main(["--step", "--device", "cpu", "--sets", "gpt2-124m-fp32", "--scale", "0.002", "--repeats", "1",
+                         "--no-save"])
+    assert {r["recipe"] for r in rows} == {"torch", "ours-write", "ours-defer", "bare-step"}
+    for r in rows:
+        assert r["median_ms"] > 0 and r["vs_torch"] > 0
+    passes = {r["recipe"]: r["passes"] for r in rows}
+    assert passes["torch"] == 5 and passes["ours-write"] == 3 and passes["ours-defer"] == 1  # with a scaler

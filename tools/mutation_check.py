@@ -15,7 +15,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CORE = ["tests/test_api.py", "tests/test_edges.py", "tests/test_ops.py"]
+CORE = ["tests/test_api.py", "tests/test_edges.py", "tests/test_ops.py", "tests/test_amp.py"]
 TRITON = ["tests/test_triton.py"]
 
 # name, file, text, replacement, tests
@@ -55,8 +55,8 @@ MUTATIONS = [
      "uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)", "uint16_t(u >> 16)", CORE),
     ("torch backend: overlapping views not refused", "gradclip_cuda/_ops.py",
      "            raise RuntimeError(OVERLAP_ERROR)", "            pass", CORE),
-    ("triton: repeat flag in the wrong bit", "gradclip_cuda/triton/__init__.py",
-     "<< 2)", "<< 3)", TRITON),
+    ("triton: repeat flag in the wrong bit", "gradclip_cuda/triton/kernels.py",
+     "    if (code & 4) == 0:\n", "    if (code & 8) == 0:\n", TRITON),
     ("triton: scale without its coef != 1 early exit", "gradclip_cuda/triton/kernels.py",
      "    if coef != 1.0:\n", "    if True:\n", TRITON),
 ]
