@@ -25,6 +25,17 @@ def backends_for(device):
     return [b for b in BACKENDS if b not in ("cpu", "cuda") or b == device]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Deselects the tests marked slow unless the -m expression names them (-m slow, -m "slow or gpu"). Done here,
+    not by an -m in pyproject's addopts, so that another -m (-m "not integration") keeps them out too."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow") is not None]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if item.get_closest_marker("slow") is None]
+
+
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
