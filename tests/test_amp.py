@@ -215,3 +215,47 @@ def test_defer_with_a_non_fused_optimizer_warns_once_and_writes():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gc.clip_grad_norm_(list(model.parameters()), MAX_NORM, optimizer=opt, defer=True)  # once only
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("defer", [False, True])
+def test_clip_and_fused_step_capture_in_a_cuda_graph_without_syncs(defer):
+    """The whole step, the clip handed to (or written before) a capturable fused AdamW, in one CUDA graph: three
+    steps on the same gradients (an eager warm-up, then two replays) give the parameters of three eager steps, and an
+    eager step makes no host sync."""
+    import copy
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8)).cuda()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 64, device="cuda"), torch.randn(16, 8, device="cuda")
+    for m in (model, twin):
+        torch.nn.functional.mse_loss(m(x), y).mul(40.0).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True, capturable=True) for m in (model, twin)]
+
+    def step(m, opt):
+        for p, g in zip(m.parameters(), grads):
+            p.grad.copy_(g)
+        gc.clip_grad_norm_(list(m.parameters()), MAX_NORM, optimizer=opt, defer=defer, skip_nonfinite=True)
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(model, opts[0])  # warm-up on the capture stream: tables, kernels, optimizer state
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(model, opts[0])
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step(twin, opts[1])  # any host sync raises
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
