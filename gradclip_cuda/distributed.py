@@ -190,7 +190,10 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     plan, kidx = _plan(grads, process_group)
     pps = _pp_list(pp_group)
     if grads:
-        _ops.check_tensors(grads, p)  # torch's errors, on the global shapes (a DTensor's numel is global)
+        # torch's errors, on the global shapes (a DTensor's numel is global); a plain shard over process_group may
+        # be empty on this rank (the tensor it belongs to is not): left out of the launch, not an error
+        _ops.check_tensors(grads if process_group is None else
+                           [g for g in grads if g.numel() or (DTensor is not None and isinstance(g, DTensor))], p)
     locals_ = [local(g) for g in grads]
     if writes:
         _ops.check_writable(locals_, complex_ok)
