@@ -5,7 +5,8 @@ Local shards in, one collective per distinct process group, a replicated total o
 
 1. Each gradient is read as its local shard (a DTensor's ``_local_tensor``; never a per-parameter DTensor op) and
    given a *reduction key*: the process groups over which its shards must be summed. For a DTensor these are the
-   groups of the mesh dimensions where its placement is ``Shard`` (``_StridedShard`` included); on a ``Replicate``
+   groups of the mesh dimensions where its placement splits the data (``Shard``, and ``_StridedShard``, which FSDP
+   over TP produces and which is not a ``Shard`` in every torch version); on a ``Replicate``
    dimension every rank holds the same values, so that dimension is left out and the copy is counted once. A plain
    tensor's key is ``(process_group,)`` when that keyword is given, else empty (a replica, as torch treats it).
    Groups of one rank are dropped (nothing to reduce); two groups with the same ranks are one group.
@@ -141,8 +142,10 @@ def _plan(grads, process_group):
                             f"gradclip_cuda: a gradient with a Partial placement ({pl} on mesh dimension {d}) holds "
                             "unreduced values whose norm the partials do not determine; redistribute it to Shard or "
                             "Replicate first. Nothing was written")
+                # every placement that is neither Replicate nor Partial splits the data: Shard, and
+                # _StridedShard (FSDP over TP), which some torch versions do not make a Shard
                 dims = [plan.group(mesh.get_group(d), f"mesh dimension {d}")
-                        for d, pl in enumerate(placements) if pl.is_shard()]
+                        for d, pl in enumerate(placements) if not pl.is_replicate()]
                 k = cache[ck] = plan.key(tuple(i for i in dims if i is not None))
             out.append(k)
         else:
