@@ -192,17 +192,15 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     from . import api
     plan, kidx = _plan(grads, process_group)
     pps = _pp_list(pp_group)
-    if grads:
-        # torch's errors, on the global shapes (a DTensor's numel is global); a plain shard over process_group may
-        # be empty on this rank (the tensor it belongs to is not): left out of the launch, not an error
-        _ops.check_tensors(grads if process_group is None else
-                           [g for g in grads if g.numel() or (DTensor is not None and isinstance(g, DTensor))], p)
     locals_ = [local(g) for g in grads]
-    if writes:
-        _ops.check_writable(locals_, complex_ok)
+    _ops.check_tensors(locals_, 2.0)  # torch's dtype errors (on the local shards: no DTensor dispatch)
+    skip_empty = math.isinf(p) or p < 0
+    if skip_empty:
+        # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
+        # global); a plain shard over process_group may be empty on this rank (its tensor is not): not an error
+        _ops._check_nonempty([g for g in grads if process_group is None or isinstance(g, DTensor)], p)
     groups = api._groups(locals_, foreach, backend, writes=writes, complex_ok=complex_ok) if locals_ else {}
     dev = _comm_device(plan, locals_, plan.groups + pps)
-    skip_empty = math.isinf(p) or p < 0
     key_of = {}
     for t, k in zip(locals_, kidx):
         key_of[id(t)] = k
