@@ -118,15 +118,18 @@ class _Plan:
 
 
 def _plan(grads, process_group):
-    """(plan, key index of each gradient). Raises on meshes of different device types and on Partial placements."""
+    """(plan, key index of each gradient, local shard of each gradient). Raises on meshes of different device types
+    and on Partial placements."""
     plan = _Plan()
     cache: dict = {}
     plain_key = None
-    out = []
+    out, locals_ = [], []
     for g in grads:
         if DTensor is not None and isinstance(g, DTensor):
-            mesh = g.device_mesh
-            placements = g.placements
+            locals_.append(g._local_tensor)
+            spec = g._spec
+            mesh = spec.mesh
+            placements = spec.placements
             ck = (id(mesh), placements)
             k = cache.get(ck)
             if k is None:
@@ -149,6 +152,7 @@ def _plan(grads, process_group):
                 k = cache[ck] = plan.key(tuple(i for i in dims if i is not None))
             out.append(k)
         else:
+            locals_.append(g)
             if plain_key is None:
                 gi = plan.group(process_group, "process_group") if process_group is not None else None
                 plain_key = plan.key(() if gi is None else (gi,))
@@ -156,7 +160,7 @@ def _plan(grads, process_group):
     if process_group is not None and plain_key is None:  # no plain tensors here: still join process_group's reduce
         gi = plan.group(process_group, "process_group")
         plan.key(() if gi is None else (gi,))
-    return plan, out
+    return plan, out, locals_
 
 
 def _op(p: float):
@@ -190,9 +194,8 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     gradients) for the coefficient, the device groups of local shards as api._groups makes them). Every rank of the
     groups involved must call it with gradients on the same meshes, in the same order."""
     from . import api
-    plan, kidx = _plan(grads, process_group)
+    plan, kidx, locals_ = _plan(grads, process_group)
     pps = _pp_list(pp_group)
-    locals_ = [local(g) for g in grads]
     _ops.check_tensors(locals_, 2.0)  # torch's dtype errors (on the local shards: no DTensor dispatch)
     skip_empty = math.isinf(p) or p < 0
     if skip_empty:
@@ -201,18 +204,18 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
         _ops._check_nonempty([g for g in grads if process_group is None or isinstance(g, DTensor)], p)
     groups = api._groups(locals_, foreach, backend, writes=writes, complex_ok=complex_ok) if locals_ else {}
     dev = _comm_device(plan, locals_, plan.groups + pps)
-    key_of = {}
-    for t, k in zip(locals_, kidx):
-        key_of[id(t)] = k
+    single = len(plan.keys) == 1
+    key_of = {} if single else {id(t): k for t, k in zip(locals_, kidx)}
     # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
     contributions: list = [[] for _ in plan.keys]
     for impl, ts in groups.values():
-        order = sorted(range(len(ts)), key=lambda i: key_of[id(ts[i])]) if len(plan.keys) > 1 else range(len(ts))
-        xs = [ts[i] for i in order if not (skip_empty and ts[i].numel() == 0)]
+        if not single:
+            ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
+        xs = [t for t in ts if t.numel()] if skip_empty else ts
         if not xs:
             continue
         each = impl.norm(xs, p, True)[1].to(device=dev, dtype=torch.float64)
-        ks = [key_of[id(x)] for x in xs]
+        ks = [0] * len(xs) if single else [key_of[id(x)] for x in xs]
         if p not in (0.0, math.inf, -math.inf) and p != 1.0:
             each = each.pow(p)
         start = 0

@@ -288,6 +288,30 @@ def s_local_ops(rank, world):
         assert torch.allclose(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
 
 
+def s_amp(rank, world):
+    """The optimizer keywords (gradclip_cuda/amp.py) with DTensor gradients: the total is reduced, the coefficient
+    applied to the local shards; same gradients and total as the plain call."""
+    import gradclip_cuda as gc
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    ref = _mlp(0)
+    model = _fsdp(mesh, copy.deepcopy(ref))
+    _backward(model, ref)
+    params = list(model.parameters())
+    saved = [q.grad.to_local().clone() for q in params]
+    plain = gc.clip_grad_norm_(params, 0.5)
+    want = [q.grad.to_local().clone() for q in params]
+    for q, s in zip(params, saved):
+        q.grad.to_local().copy_(s)
+    opt = torch.optim.SGD(params, lr=0.1)
+    with counting() as calls:
+        total = gc.clip_grad_norm_(params, 0.5, optimizer=opt)
+    assert len(calls) == 1, calls
+    assert torch.equal(total.to_local(), plain.to_local()), (total, plain)
+    for q, w in zip(params, want):
+        assert torch.allclose(q.grad.to_local(), w, rtol=1e-6, atol=0)
+
+
 def s_errors(rank, world):
     """A group this rank is not in, and a Partial gradient: clear errors, nothing written, no hang."""
     import gradclip_cuda as gc
@@ -407,7 +431,7 @@ def s_fsdp_tp(rank, world):
 
 
 SCENARIOS = {
-    2: ["fsdp", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "errors"],
+    2: ["fsdp", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "amp", "errors"],
     4: ["hsdp", "two_meshes", "pp_fsdp", "pp_list", "fsdp_tp"],
 }
 
