@@ -125,13 +125,12 @@ def _plan(grads, process_group):
     plain_key = None
     out, locals_ = [], []
     for g in grads:
-        if DTensor is not None and isinstance(g, DTensor):
+        if type(g) is DTensor or (DTensor is not None and isinstance(g, DTensor)):
             locals_.append(g._local_tensor)
             spec = g._spec
             mesh = spec.mesh
             placements = spec.placements
-            ck = (id(mesh), placements)
-            k = cache.get(ck)
+            k = cache.get((id(mesh), placements))
             if k is None:
                 if plan.mesh is None:
                     plan.mesh, plan.mesh_device = mesh, mesh.device_type
@@ -149,7 +148,7 @@ def _plan(grads, process_group):
                 # _StridedShard (FSDP over TP), which some torch versions do not make a Shard
                 dims = [plan.group(mesh.get_group(d), f"mesh dimension {d}")
                         for d, pl in enumerate(placements) if not pl.is_replicate()]
-                k = cache[ck] = plan.key(tuple(i for i in dims if i is not None))
+                k = cache[(id(mesh), placements)] = plan.key(tuple(i for i in dims if i is not None))
             out.append(k)
         else:
             locals_.append(g)
@@ -196,7 +195,8 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     from . import api
     plan, kidx, locals_ = _plan(grads, process_group)
     pps = _pp_list(pp_group)
-    _ops.check_tensors(locals_, 2.0)  # torch's dtype errors (on the local shards: no DTensor dispatch)
+    if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
+        _ops.check_tensors(locals_, 2.0)
     skip_empty = math.isinf(p) or p < 0
     if skip_empty:
         # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
@@ -279,7 +279,7 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
         total64 = combined.sqrt()
     else:
         total64 = combined.pow(1.0 / p)
-    dtype = _ops.result_dtype(locals_) if locals_ else torch.float32
+    dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
     out_dev = locals_[0].device if locals_ else dev
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return total64.to(device=out_dev, dtype=dtype), total64.to(device=out_dev, dtype=acc), groups, plan.mesh
