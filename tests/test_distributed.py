@@ -286,6 +286,13 @@ def s_local_ops(rank, world):
     torch.nn.utils.clip_grad_value_(refp, 0.01)
     for q, r in zip(params, refp):
         assert torch.allclose(q.grad.full_tensor(), r.grad, rtol=1e-5, atol=1e-7)
+    # a NaN in one rank's shard: every rank holds the NaN total, so every rank raises, and nothing is written
+    if rank == 0:
+        params[0].grad.to_local().view(-1)[0] = float("nan")
+    before = [q.grad.to_local().clone() for q in params]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        gc.clip_grad_norm_(params, 1e-3, error_if_nonfinite=True)
+    assert all(torch.equal(q.grad.to_local(), b) for q, b in zip(params, before) if not b.isnan().any())
 
 
 def s_amp(rank, world):
