@@ -8,6 +8,9 @@ per device, and calls one op per device (gradclip_cuda/_ops.py). With the compil
 on one CPU or CUDA device, the whole call, `.grad` reading included, runs in C++ (``_C.fast``): no Python loop
 over tensors.
 
+DTensor gradients, and the keyword-only ``process_group`` and ``pp_group``, go to gradclip_cuda/distributed.py: local
+shards through the same ops, one all-reduce per distinct process group.
+
 ``foreach`` is accepted for compatibility: ``foreach=True`` on a device without torch's foreach support raises
 torch's error; otherwise our kernels are fused whatever its value.
 """

@@ -261,6 +261,13 @@ def s_pp_plain(rank, world):
     for p in (2.0, 0.0, INF, 1.0):
         check_clip(params, refs, p, collectives=1, expect=lambda i, c: c[mine[i]], pp_group=dist.group.WORLD,
                    dtensor_total=False)
+    # a stage without gradients still joins the stages' all-reduce
+    import gradclip_cuda as gc
+    with counting() as calls:
+        total = gc.get_total_norm([q.grad for q in params] if rank == 0 else [], 2.0, pp_group=dist.group.WORLD)
+    assert len(calls) == 1, calls
+    want = torch.nn.utils.get_total_norm([refs[i] for i in range(n // world)], 2.0)
+    assert abs(float(total) - float(want)) <= 2e-5 * float(want), (total, want)
 
 
 def s_local_ops(rank, world):
