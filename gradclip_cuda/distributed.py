@@ -202,7 +202,14 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
         # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
         # global); a plain shard over process_group may be empty on this rank (its tensor is not): not an error
         _ops._check_nonempty([g for g in grads if process_group is None or isinstance(g, DTensor)], p)
-    groups = api._groups(locals_, foreach, backend, writes=writes, complex_ok=complex_ok) if locals_ else {}
+    if writes:
+        # the errors of an in-place pass, for the whole list before anything is read: they depend on the dtype and
+        # layout only, so one tensor of each (dtype, layout) is checked
+        _ops.check_writable(list({(t.dtype, t.layout): t for t in locals_}.values()), complex_ok)
+    groups = api._groups(locals_, foreach, backend) if locals_ else {}
+    if writes and len(groups) > 1:  # overlapping gradients across device groups, before the first op writes
+        for _, ts in groups.values():
+            _ops.writable(ts)
     dev = _comm_device(plan, locals_, plan.groups + pps)
     single = len(plan.keys) == 1
     key_of = {} if single else {id(t): k for t, k in zip(locals_, kidx)}
