@@ -11,8 +11,8 @@ gradients). Gradients are random (the same global tensors on every rank, split a
 Each provider is first checked against the other (total and every local shard after clipping), then timed: every
 call clips (max_norm is a tenth of the total), the gradients are restored from a copy and the ranks meet at a barrier
 before each call, outside the timed region; the time of a call is rank 0's perf_counter around it. The first call
-(the check) is reported apart: torch's includes DTensor's sharding-propagation caches, which grow quadratically with
-the number of DTensors, so torch is run only up to --torch-max DTensors and ours is checked against a float64
+(the check) is reported apart: torch's carries a one-time cost that grows about quadratically with the number of
+DTensors (not traced; presumably DTensor's dispatch caches), so torch is run only up to --torch-max DTensors and ours is checked against a float64
 reference above that. Collectives per
 call are counted in one extra, untimed call under torch.profiler (its "gloo:"/"nccl:" events: collectives issued
 through torch.distributed and through DTensor's functional collectives alike). torch takes seconds per call at
@@ -133,7 +133,7 @@ def _worker(rank, world, port, args, q):
                 dist.barrier()
                 t0 = time.perf_counter()
                 total = fn(params, max_norm)
-                first[prov] = time.perf_counter() - t0  # the first call: torch's includes DTensor's caches
+                first[prov] = time.perf_counter() - t0  # the first call: torch's carries a one-time cost
                 results[prov] = (_value(total), [p.grad.to_local().clone() for p in params])
             if "torch" in results:
                 (t_ref, g_ref), (t_ours, g_ours) = results["torch"], results["gradclip"]
@@ -197,8 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20, help="timed calls of gradclip per set")
     ap.add_argument("--torch-repeats", type=int, default=3, help="timed calls of torch per set")
     ap.add_argument("--torch-max", type=int, default=1000,
-                    help="largest set torch is run on: its first call on DTensors grows quadratically with their "
-                         "number (DTensor's caches; 13 s at 1,000 and 44 s at 2,000 on one CPU rank here)")
+                    help="largest set torch is run on: its first call on DTensors grows about quadratically with "
+                         "their number (13 s at 1,000 and 44 s at 2,000 on one CPU rank here)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are ended")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "runs"))
     args = ap.parse_args(argv)
