@@ -35,26 +35,31 @@ No host sync: collectives are issued as torch.distributed issues them; the coeff
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.distributed as dist
 
 from . import _ops
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate
-except ImportError:  # torch built without distributed support
-    DTensor = Replicate = None
-
 __all__ = ["has_dtensor", "local", "total_norm", "wrap", "check_groups"]
 
 
+def _dtensor_class():
+    """torch's DTensor class, or None while torch.distributed.tensor is not imported (then no DTensor exists).
+    Importing it ourselves would add most of a second to ``import gradclip_cuda``."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
 def has_dtensor(ts) -> bool:
+    DTensor = _dtensor_class()
     return DTensor is not None and any(isinstance(t, DTensor) for t in ts)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's local shard (no DTensor dispatch, no autograd node); a plain tensor itself."""
+    DTensor = _dtensor_class()
     return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
 
 
@@ -120,12 +125,13 @@ class _Plan:
 def _plan(grads, process_group):
     """(plan, key index of each gradient, local shard of each gradient). Raises on meshes of different device types
     and on Partial placements."""
+    DTensor = _dtensor_class()
     plan = _Plan()
     cache: dict = {}
     plain_key = None
     out, locals_ = [], []
     for g in grads:
-        if type(g) is DTensor or (DTensor is not None and isinstance(g, DTensor)):
+        if DTensor is not None and (type(g) is DTensor or isinstance(g, DTensor)):
             locals_.append(g._local_tensor)
             spec = g._spec
             mesh = spec.mesh
@@ -201,7 +207,9 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     if skip_empty:
         # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
         # global); a plain shard over process_group may be empty on this rank (its tensor is not): not an error
-        _ops._check_nonempty([g for g in grads if process_group is None or isinstance(g, DTensor)], p)
+        DTensor = _dtensor_class()
+        _ops._check_nonempty([g for g in grads if process_group is None or
+                              (DTensor is not None and isinstance(g, DTensor))], p)
     if writes:
         # the errors of an in-place pass, for the whole list before anything is read: they depend on the dtype and
         # layout only, so one tensor of each (dtype, layout) is checked
@@ -297,4 +305,5 @@ def wrap(total: torch.Tensor, mesh) -> torch.Tensor:
     collective to read it); ``total`` itself without a mesh."""
     if mesh is None:
         return total
+    from torch.distributed.tensor import DTensor, Replicate
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
