@@ -8,6 +8,9 @@ per device, and calls one op per device (gradclip_cuda/_ops.py). With the compil
 on one CPU or CUDA device, the whole call, `.grad` reading included, runs in C++ (``_C.fast``): no Python loop
 over tensors.
 
+DTensor gradients, and the keyword-only ``process_group`` and ``pp_group``, go to gradclip_cuda/distributed.py: local
+shards through the same ops, one all-reduce per distinct process group.
+
 ``foreach`` is accepted for compatibility: ``foreach=True`` on a device without torch's foreach support raises
 torch's error; otherwise our kernels are fused whatever its value.
 """
@@ -24,6 +27,7 @@ import torch
 from torch.utils._foreach_utils import _device_has_foreach_support
 
 from . import _ops
+from . import distributed as _dist
 from ._ops import ops
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
@@ -177,6 +181,14 @@ def _total(groups: dict, p: float) -> torch.Tensor:
     return combined.to(dtype)
 
 
+def _check_dist(process_group, pp_group) -> bool:
+    """Whether group keywords were given (validated here, before anything is read or written)."""
+    if process_group is None and pp_group is None:
+        return False
+    _dist.check_groups(process_group, pp_group)
+    return True
+
+
 def _check_finite(total: torch.Tensor, p: float) -> None:
     # The one host sync of the API, as in torch: the caller asked to fail on a non-finite norm.
     if torch.logical_or(total.isnan(), total.isinf()):
@@ -194,15 +206,24 @@ def _scale(groups: dict, total: torch.Tensor, max_norm: float) -> None:
 # ---- the drop-in functions ----
 
 def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach=None, *,
-                   backend: str = "auto") -> torch.Tensor:
+                   backend: str = "auto", process_group=None, pp_group=None) -> torch.Tensor:
     """Same as ``torch.nn.utils.get_total_norm``: the norm of all ``tensors`` together, as a 0-d tensor in their
-    promoted dtype on the first tensor's device (CPU ``tensor(0.)`` for no tensors)."""
+    promoted dtype on the first tensor's device (CPU ``tensor(0.)`` for no tensors). DTensors, ``process_group``
+    and ``pp_group``: gradclip_cuda/distributed.py (the total is then reduced over every group they need)."""
     tensors = _as_list(tensors)
     p = _norm_type(norm_type)
     _check_backend(backend)
-    devices = _fast(backend)
+    grouped = _check_dist(process_group, pp_group)
+    devices = 0 if grouped else _fast(backend)
     total = _ops.C.fast(tensors, False, devices, _NORM, p) if devices else None
     if total is None:
+        if grouped or _dist.has_dtensor(tensors):
+            with torch.no_grad():
+                total, _, _, mesh = _dist.total_norm(tensors, p, foreach, backend, writes=False,
+                                                     process_group=process_group, pp_group=pp_group)
+            if error_if_nonfinite:
+                _check_finite(total, p)
+            return _dist.wrap(total, mesh)
         if len(tensors) == 0:
             return torch.tensor(0.0)
         with torch.no_grad():
@@ -215,44 +236,60 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach=None, *,
                           backend: str = "auto") -> None:
     """Same as ``torch.nn.utils.clip_grads_with_norm_``: scales the gradients by
-    ``min(max_norm / (total_norm + 1e-6), 1)``; writes nothing where that is 1."""
+    ``min(max_norm / (total_norm + 1e-6), 1)``; writes nothing where that is 1. Purely local for DTensor gradients
+    (their local shards are scaled; a DTensor ``total_norm`` is read as its local value: no collective)."""
     params = _as_list(parameters)
     max_norm = _max_norm(max_norm)
     _check_backend(backend)
     total = total_norm if isinstance(total_norm, torch.Tensor) else torch.as_tensor(float(total_norm))
+    total = _dist.local(total)
     devices = _fast(backend)
     if devices and _ops.C.fast(params, True, devices, _SCALE, max_norm, 0.0, total) is not None:
         return
     with torch.no_grad():
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [_dist.local(p.grad) for p in params if p.grad is not None]
         if grads:
             _scale(_groups(grads, foreach, backend, writes=True), total, max_norm)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                     foreach=None, *, backend: str = "auto", scaler=None, optimizer=None, defer: bool = False,
-                    skip_nonfinite: bool = False) -> torch.Tensor:
+                    skip_nonfinite: bool = False, process_group=None, pp_group=None) -> torch.Tensor:
     """Same as ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of ``parameters``,
     scales them in place by ``min(max_norm / (total + 1e-6), 1)`` and returns the total.
 
     Keyword-only, for mixed precision and the optimizer step (gradclip_cuda/amp.py): ``scaler`` (a GradScaler that
     scaled this step's loss, with ``optimizer``) unscales and clips in one multiply and leaves the scaler as its
     ``unscale_`` would; ``defer=True`` hands the coefficient to a fused optimizer's next step instead of writing;
-    ``skip_nonfinite=True`` skips that step on a non-finite total, without a host sync."""
+    ``skip_nonfinite=True`` skips that step on a non-finite total, without a host sync.
+
+    Keyword-only, for distributed training (gradclip_cuda/distributed.py): DTensor gradients (FSDP2, TP, HSDP, any
+    meshes) need nothing more; ``process_group``: the plain gradients are shards over that group (ZeRO-style);
+    ``pp_group`` (a group or a list of groups): the total is further combined over it (pipeline stages). The total
+    is reduced with one all-reduce per distinct group and returned as a DTensor replicated on the first DTensor's
+    mesh when any gradient is a DTensor."""
     params = _as_list(parameters, warn_empty_generator=True)
     max_norm = _max_norm(max_norm)
     p = _norm_type(norm_type)
     _check_backend(backend)
+    grouped = _check_dist(process_group, pp_group)
     if scaler is not None or optimizer is not None or defer or skip_nonfinite:
         return _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer,
-                                    defer, skip_nonfinite)
-    devices = _fast(backend)
+                                    defer, skip_nonfinite, process_group, pp_group)
+    devices = 0 if grouped else _fast(backend)
     if devices and not error_if_nonfinite:
         total = _ops.C.fast(params, True, devices, _CLIP, max_norm, p)
         if total is not None:
             return total
     with torch.no_grad():
         grads = [g.grad for g in params if g.grad is not None]
+        if grouped or _dist.has_dtensor(grads):
+            total, acc, groups, mesh = _dist.total_norm(grads, p, foreach, backend, writes=True,
+                                                        process_group=process_group, pp_group=pp_group)
+            if error_if_nonfinite:
+                _check_finite(total, p)
+            _scale(groups, acc, max_norm)
+            return _dist.wrap(total, mesh)
         if not grads:
             return torch.tensor(0.0)
         groups = _groups(grads, foreach, backend, writes=True)
@@ -267,11 +304,19 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
 
 
 def _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer, defer,
-                         skip_nonfinite) -> torch.Tensor:
+                         skip_nonfinite, process_group=None, pp_group=None) -> torch.Tensor:
     from . import amp
     hand_off = amp.check(params, scaler, optimizer, defer, skip_nonfinite)
     with torch.no_grad():
         grads = [g.grad for g in params if g.grad is not None]
+        if process_group is not None or pp_group is not None or _dist.has_dtensor(grads):
+            total, _, _, mesh = _dist.total_norm(grads, p, foreach, backend, writes=not hand_off,
+                                                 process_group=process_group, pp_group=pp_group)
+            if error_if_nonfinite:
+                _check_finite(total, p)
+            locals_ = [_dist.local(g) for g in grads]
+            return _dist.wrap(amp.apply(params, locals_, total, max_norm, scaler, optimizer, hand_off,
+                                        skip_nonfinite), mesh)
         if not grads:
             return torch.tensor(0.0)
         total = _total(_groups(grads, foreach, backend, writes=not hand_off), p)  # one read pass
@@ -289,7 +334,7 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: st
     if devices and _ops.C.fast(params, True, devices, _VALUE, v) is not None:
         return
     with torch.no_grad():
-        grads = [g.grad for g in params if g.grad is not None]
+        grads = [_dist.local(g.grad) for g in params if g.grad is not None]  # DTensors: purely local
         for impl, ts in _groups(grads, foreach, backend, writes=True, complex_ok=False).values():
             impl.value(ts, v)
 

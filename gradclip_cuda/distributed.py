@@ -1,0 +1,309 @@
+"""Distributed gradients: DTensors (FSDP2, TP, HSDP, expert parallel, any mix of meshes), plain tensors sharded by
+hand over a group (``process_group``: ZeRO-style flat shards), and pipeline stages (``pp_group``).
+
+Local shards in, one collective per distinct process group, a replicated total out:
+
+1. Each gradient is read as its local shard (a DTensor's ``_local_tensor``; never a per-parameter DTensor op) and
+   given a *reduction key*: the process groups over which its shards must be summed. For a DTensor these are the
+   groups of the mesh dimensions where its placement splits the data (``Shard``, and ``_StridedShard``, which FSDP
+   over TP produces and which is not a ``Shard`` in every torch version); on a ``Replicate``
+   dimension every rank holds the same values, so that dimension is left out and the copy is counted once. A plain
+   tensor's key is ``(process_group,)`` when that keyword is given, else empty (a replica, as torch treats it).
+   Groups of one rank are dropped (nothing to reduce); two groups with the same ranks are one group.
+2. One launch of our norm op per device over all local shards (``per_tensor=True``, shards ordered by key), then,
+   in float64, each key's *un-finalised* partial: the sum of per-tensor norm^p (finite p), their max (inf), their
+   min (-inf), or for p = 0 the vector of per-tensor nonzero counts (torch's total for p = 0 counts the tensors that
+   hold a nonzero element, so the per-tensor counts are reduced before they are counted). Local shards with no
+   element are left out of the launch for inf, -inf and p < 0 (their identity); a rank whose shards are all empty
+   still joins every collective with that identity.
+3. The groups are visited in order of first appearance in the gradient list (the same on every rank of a group
+   when the ranks pass the same gradients in the same order, which DTensor code requires anyway); for each group,
+   one ``all_reduce`` (SUM; MAX for inf; MIN for -inf) of a float64 vector holding the partial of every key that
+   contains that group. A key over two groups (a 2-D mesh with ``Shard`` on both dimensions) is reduced over each
+   in turn, so a call issues exactly one collective per distinct group.
+4. Keys are combined (sum; max; min; for p = 0 the count of nonzero entries), then the total is further reduced
+   over each ``pp_group`` (one collective each), and finalised (``S ** (1/p)``). Every rank thus holds bitwise the
+   same float64 total; the clip coefficient is computed from it on the device by our scale op, one launch per
+   device over the local shards.
+
+``Partial`` placements (unreduced gradients: unusual after backward) are refused with a clear error: the norm of a
+sum of partial values is not a function of the partials' norms, so they would have to be reduced first, which is
+the caller's data-sized collective to choose (``redistribute`` to ``Replicate``/``Shard``).
+
+No host sync: collectives are issued as torch.distributed issues them; the coefficient stays on the device.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+from . import _ops
+
+__all__ = ["has_dtensor", "local", "total_norm", "wrap", "check_groups"]
+
+
+def _dtensor_class():
+    """torch's DTensor class, or None while torch.distributed.tensor is not imported (then no DTensor exists).
+    Importing it ourselves would add most of a second to ``import gradclip_cuda``."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def has_dtensor(ts) -> bool:
+    DTensor = _dtensor_class()
+    return DTensor is not None and any(isinstance(t, DTensor) for t in ts)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (no DTensor dispatch, no autograd node); a plain tensor itself."""
+    DTensor = _dtensor_class()
+    return t._local_tensor if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _ranks(pg, what: str) -> tuple:
+    if pg is None or pg is dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(f"gradclip_cuda: {what} is not a process group this rank belongs to "
+                         "(dist.new_group returns GroupMember.NON_GROUP_MEMBER on ranks outside the group)")
+    try:
+        ranks = tuple(sorted(dist.get_process_group_ranks(pg)))
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ValueError(f"gradclip_cuda: {what} is not a usable process group ({e})") from None
+    if dist.get_rank() not in ranks:
+        raise ValueError(f"gradclip_cuda: this rank ({dist.get_rank()}) is not in {what} (ranks {list(ranks)})")
+    return ranks
+
+
+def _pp_list(pp_group) -> list:
+    if pp_group is None:
+        return []
+    return list(pp_group) if isinstance(pp_group, (list, tuple)) else [pp_group]
+
+
+def check_groups(process_group, pp_group) -> None:
+    """Errors for group keywords, before anything else happens."""
+    if (process_group is not None or pp_group is not None) and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("gradclip_cuda: process_group / pp_group need torch.distributed to be initialized")
+    if process_group is not None:
+        _ranks(process_group, "process_group")
+    for i, g in enumerate(_pp_list(pp_group)):
+        _ranks(g, f"pp_group[{i}]" if isinstance(pp_group, (list, tuple)) else "pp_group")
+
+
+class _Plan:
+    """Reduction keys of the gradients and the groups to all-reduce over, in order of first appearance."""
+
+    def __init__(self):
+        self.groups: list = []        # process groups, in order of first appearance
+        self._by_ranks: dict = {}     # ranks tuple -> index in groups
+        self.keys: list = []          # keys (sorted tuples of group indices), in order of first appearance
+        self._key_index: dict = {}
+        self.mesh = None              # the first DTensor's mesh
+        self.mesh_device = None
+
+    def group(self, pg, what: str):
+        ranks = _ranks(pg, what)
+        if len(ranks) == 1:
+            return None
+        i = self._by_ranks.get(ranks)
+        if i is None:
+            i = self._by_ranks[ranks] = len(self.groups)
+            self.groups.append(pg)
+        return i
+
+    def key(self, gidx: tuple) -> int:
+        k = tuple(sorted(set(gidx)))
+        i = self._key_index.get(k)
+        if i is None:
+            i = self._key_index[k] = len(self.keys)
+            self.keys.append(k)
+        return i
+
+
+def _plan(grads, process_group):
+    """(plan, key index of each gradient, local shard of each gradient). Raises on meshes of different device types
+    and on Partial placements."""
+    DTensor = _dtensor_class()
+    plan = _Plan()
+    cache: dict = {}
+    plain_key = None
+    out, locals_ = [], []
+    for g in grads:
+        if DTensor is not None and (type(g) is DTensor or isinstance(g, DTensor)):
+            locals_.append(g._local_tensor)
+            spec = g._spec
+            mesh = spec.mesh
+            placements = spec.placements
+            k = cache.get((id(mesh), placements))
+            if k is None:
+                if plan.mesh is None:
+                    plan.mesh, plan.mesh_device = mesh, mesh.device_type
+                elif mesh.device_type != plan.mesh_device:
+                    raise ValueError(f"gradclip_cuda: gradients on meshes of different device types "
+                                     f"('{plan.mesh_device}' and '{mesh.device_type}'): one call cannot reduce them "
+                                     "together; nothing was written")
+                for d, pl in enumerate(placements):
+                    if pl.is_partial():
+                        raise NotImplementedError(
+                            f"gradclip_cuda: a gradient with a Partial placement ({pl} on mesh dimension {d}) holds "
+                            "unreduced values whose norm the partials do not determine; redistribute it to Shard or "
+                            "Replicate first. Nothing was written")
+                # every placement that is neither Replicate nor Partial splits the data: Shard, and
+                # _StridedShard (FSDP over TP), which some torch versions do not make a Shard
+                dims = [plan.group(mesh.get_group(d), f"mesh dimension {d}")
+                        for d, pl in enumerate(placements) if not pl.is_replicate()]
+                k = cache[(id(mesh), placements)] = plan.key(tuple(i for i in dims if i is not None))
+            out.append(k)
+        else:
+            locals_.append(g)
+            if plain_key is None:
+                gi = plan.group(process_group, "process_group") if process_group is not None else None
+                plain_key = plan.key(() if gi is None else (gi,))
+            out.append(plain_key)
+    if process_group is not None and plain_key is None:  # no plain tensors here: still join process_group's reduce
+        gi = plan.group(process_group, "process_group")
+        plan.key(() if gi is None else (gi,))
+    return plan, out, locals_
+
+
+def _op(p: float):
+    if p == math.inf:
+        return dist.ReduceOp.MAX
+    if p == -math.inf:
+        return dist.ReduceOp.MIN
+    return dist.ReduceOp.SUM
+
+
+def _identity(p: float, dev) -> torch.Tensor:
+    return torch.full((), math.inf if p == -math.inf else 0.0, dtype=torch.float64, device=dev)
+
+
+def _comm_device(plan, locals_, pgs) -> torch.device:
+    dev_type = plan.mesh_device
+    if dev_type is None:
+        if locals_:
+            return locals_[0].device
+        dev_type = "cuda" if pgs and dist.get_backend(pgs[0]) == "nccl" else "cpu"
+    if dev_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(dev_type)
+
+
+def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_group=None, pp_group=None,
+               complex_ok: bool = True):
+    """The total p-norm of distributed ``grads`` (DTensors and plain tensors), reduced over every group they need.
+
+    Returns (total in torch's result dtype on the first gradient's device, total in float32 (float64 for float64
+    gradients) for the coefficient, the device groups of local shards as api._groups makes them). Every rank of the
+    groups involved must call it with gradients on the same meshes, in the same order."""
+    from . import api
+    plan, kidx, locals_ = _plan(grads, process_group)
+    pps = _pp_list(pp_group)
+    if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
+        _ops.check_tensors(locals_, 2.0)
+    skip_empty = math.isinf(p) or p < 0
+    if skip_empty:
+        # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
+        # global); a plain shard over process_group may be empty on this rank (its tensor is not): not an error
+        DTensor = _dtensor_class()
+        _ops._check_nonempty([g for g in grads if process_group is None or
+                              (DTensor is not None and isinstance(g, DTensor))], p)
+    if writes:
+        # the errors of an in-place pass, for the whole list before anything is read: they depend on the dtype and
+        # layout only, so one tensor of each (dtype, layout) is checked
+        _ops.check_writable(list({(t.dtype, t.layout): t for t in locals_}.values()), complex_ok)
+    groups = api._groups(locals_, foreach, backend) if locals_ else {}
+    if writes and len(groups) > 1:  # overlapping gradients across device groups, before the first op writes
+        for _, ts in groups.values():
+            _ops.writable(ts)
+    dev = _comm_device(plan, locals_, plan.groups + pps)
+    single = len(plan.keys) == 1
+    key_of = {} if single else {id(t): k for t, k in zip(locals_, kidx)}
+    # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
+    contributions: list = [[] for _ in plan.keys]
+    for impl, ts in groups.values():
+        if not single:
+            ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
+        xs = [t for t in ts if t.numel()] if skip_empty else ts
+        if not xs:
+            continue
+        each = impl.norm(xs, p, True)[1].to(device=dev, dtype=torch.float64)
+        ks = [0] * len(xs) if single else [key_of[id(x)] for x in xs]
+        if p not in (0.0, math.inf, -math.inf) and p != 1.0:
+            each = each.pow(p)
+        start = 0
+        for j in range(1, len(ks) + 1):
+            if j == len(ks) or ks[j] != ks[start]:
+                seg = each[start:j]
+                if p == 0:
+                    c = seg
+                elif p == math.inf:
+                    c = seg.max()
+                elif p == -math.inf:
+                    c = seg.min()
+                else:
+                    c = seg.sum()
+                contributions[ks[start]].append(c)
+                start = j
+    # Un-finalised partial per key.
+    partials = []
+    for cs in contributions:
+        if not cs:
+            partials.append(torch.zeros(0, dtype=torch.float64, device=dev) if p == 0 else _identity(p, dev))
+        elif p == 0:
+            partials.append(torch.cat(cs) if len(cs) > 1 else cs[0])
+        elif len(cs) == 1:
+            partials.append(cs[0])
+        else:
+            s = torch.stack(cs)
+            partials.append(s.max() if p == math.inf else s.min() if p == -math.inf else s.sum())
+    op = _op(p)
+    # One all-reduce per distinct group, of the partials of every key that contains it.
+    for gi, pg in enumerate(plan.groups):
+        members = [k for k, key in enumerate(plan.keys) if gi in key]
+        flat = [partials[k].reshape(-1) for k in members]
+        buf = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+        dist.all_reduce(buf, op=op, group=pg)
+        start = 0
+        for k in members:
+            n = partials[k].numel()
+            partials[k] = buf[start:start + n].reshape(partials[k].shape)
+            start += n
+    # Combine the keys, then the pipeline stages.
+    if p == 0:
+        per_key = [(v != 0).sum().to(torch.float64) for v in partials]
+    else:
+        per_key = partials
+    if not per_key:
+        combined = torch.zeros((), dtype=torch.float64, device=dev) if p != -math.inf else _identity(p, dev)
+    elif len(per_key) == 1:
+        combined = per_key[0]
+    else:
+        s = torch.stack(per_key)
+        combined = s.max() if p == math.inf else s.min() if p == -math.inf else s.sum()
+    if pps:
+        combined = combined.clone()
+        for pg in pps:
+            if len(_ranks(pg, "pp_group")) > 1:
+                dist.all_reduce(combined, op=op, group=pg)
+    if p == 0 or math.isinf(p) or p == 1.0:
+        total64 = combined
+    elif p == 2.0:
+        total64 = combined.sqrt()
+    else:
+        total64 = combined.pow(1.0 / p)
+    dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
+    out_dev = locals_[0].device if locals_ else dev
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return total64.to(device=out_dev, dtype=dtype), total64.to(device=out_dev, dtype=acc), groups, plan.mesh
+
+
+def wrap(total: torch.Tensor, mesh) -> torch.Tensor:
+    """The total as torch returns it for DTensor gradients: a DTensor replicated on ``mesh`` (already reduced: no
+    collective to read it); ``total`` itself without a mesh."""
+    if mesh is None:
+        return total
+    from torch.distributed.tensor import DTensor, Replicate
+    return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
