@@ -16,7 +16,8 @@ Then each call is timed alone (perf_counter on the CPU, CUDA events on a GPU) af
 a pristine copy outside the timed region, so every clipped call really clips; on a GPU the calls rotate over several
 copies of the gradients so that L2 does not flatter. Interleaved with the timed calls, the harness times the floor of
 each step: the least work any clip of the set must do, on one flat float32 tensor of the set's byte size (unclipped:
-one reduction, N bytes read; clipped: a reduction and an in-place multiply, 3N bytes moved). Reported per row: median
+one reduction, N bytes read; clipped: a reduction and an in-place multiply, 3N bytes moved; with our compiled
+kernels where the device has them, else torch's ops). Reported per row: median
 and minimum time (the minimum is the robust figure for memory-bound work on a noisy machine), interquartile range,
 speed-up against torch's foreach implementation, the floor's median time and the share of it the row reaches
 (floor / row: 100% means as fast as the bare passes), and on a GPU kernel launches and host syncs per call. A row
@@ -223,10 +224,17 @@ def _agrees(provider, pristine, max_norm, ref, theirs, tol):
 
 def _floor(nbytes, device):
     """The floor steps of a set of `nbytes` bytes, on one flat float32 tensor: (unclipped: one reduction, clipped: a
-    reduction and an in-place multiply). The multiply is by -1 so that repeats neither underflow nor overflow."""
+    reduction and an in-place multiply), with our own compiled kernels where the device has them (the bytes alone,
+    no per-tensor work: the best this library does), else torch's ops. The multiply's coefficient is 0.999, so that
+    the repeats of a whole run neither underflow nor reach subnormals."""
     flat = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_(0.5, 1.5)
+    ops = torch.ops.gradclip_cuda
+    if device in gc.available_backends():  # "cpu" / "cuda": the compiled kernels of this device
+        total = torch.tensor(1.0 / 0.999 - 1e-6, device=device)
+        return {"unclipped": lambda: ops.multi_tensor_norm([flat], 2.0),
+                "clipped": lambda: (ops.multi_tensor_norm([flat], 2.0), ops.multi_tensor_scale_([flat], total, 1.0))}
     return {"unclipped": lambda: torch.linalg.vector_norm(flat),
-            "clipped": lambda: (torch.linalg.vector_norm(flat), flat.mul_(-1.0))}
+            "clipped": lambda: (torch.linalg.vector_norm(flat), flat.mul_(0.999))}
 
 
 def _time_calls(device, fn, sets, grads, max_norm, floor, repeats):
@@ -380,8 +388,9 @@ def markdown(stamp, rows):
              f"{stamp['date']}.",
              "Median and minimum of single calls; speed-up: torch.nn.utils.clip_grad_norm_(foreach=True)'s median "
              "over the row's, in the same run. Floor: the bare passes any clip of the set needs, on one flat float32 "
-             "tensor of its byte size (unclipped: one reduction; clipped: a reduction and an in-place multiply), "
-             "timed interleaved with the row's calls; floor share = floor / row (100%: as fast as the bare passes). "
+             "tensor of its byte size (unclipped: one reduction; clipped: a reduction and an in-place multiply; our "
+             "compiled kernels where the device has them, else torch's ops), timed interleaved with the row's calls; "
+             "floor share = floor / row (100%: as fast as the bare passes over one flat tensor). "
              "Noisy: the IQR stayed above half the median after a second timing; such rows are left out of the "
              "headline. Launches and syncs per call on a GPU.", "",
              "| set | tensors | MB | scale | step | provider | median ms | min ms | IQR ms | speed-up | floor ms "
