@@ -211,7 +211,9 @@ py::dict chunk_visits(uint64_t addr, int64_t n, int elem_size, int threads) {
 }
 
 // What identifies a set of tensors for the Triton path's cached chunk table: each tensor's address, size and dtype,
-// and the device. Runs the plan's checks (torch's errors) on the way, so a bad list raises before any kernel runs.
+// and the device; its last byte is 1 when every tensor is dense (non-overlapping and dense: the Triton kernels take
+// it in place), so the caller needs no per-tensor pass of its own for that. Runs the plan's checks (torch's errors)
+// on the way, so a bad list raises before any kernel runs.
 py::bytes tensor_key(const std::vector<at::Tensor>& xs, bool norm, double p) {
   const Plan plan = make_plan(xs, 0, {norm, p});
   std::string key;
@@ -225,6 +227,7 @@ py::bytes tensor_key(const std::vector<at::Tensor>& xs, bool norm, double p) {
     key.push_back(static_cast<char>(xs[0].device().type()));
     key.push_back(static_cast<char>(xs[0].device().index()));
   }
+  key.push_back(static_cast<char>(plan.copies.empty() ? 1 : 0));
   return py::bytes(key);
 }
 

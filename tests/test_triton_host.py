@@ -232,6 +232,25 @@ if __name__ == "__main__":
         print(f"{name:48s} {us:8.1f} us/call")
 
 
+@pytest.mark.skipif(_ops.C is None, reason="the dense flag comes from the compiled library's key")
+def test_dense_sets_take_no_per_tensor_python_pass(launches, monkeypatch):
+    # The key (one C++ pass) says every tensor is dense: _dense, the per-tensor Python loop, must not run. A tensor
+    # with gaps clears the flag, and then _dense makes its contiguous copy.
+    xs = make_grads([(64, 48), (33,), (7, 5)], [torch.float32], params=False)
+    xs[0] = xs[0].t()  # dense, not contiguous
+    assert gt._key(xs, 2.0)[-1] == 1
+    seen = []
+    real = gt._dense
+    monkeypatch.setattr(gt, "_dense", lambda *a, **k: seen.append(1) or real(*a, **k))
+    gt.multi_tensor_norm(xs, 2.0)
+    gt.clip_grad_value_(xs, 0.5)
+    assert seen == []
+    gapped = xs + [torch.randn(10, 6)[:, ::2]]
+    assert gt._key(gapped, 2.0)[-1] == 0
+    gt.multi_tensor_norm(gapped, 2.0)
+    assert seen == [1]
+
+
 def test_eager_calls_skip_the_dispatcher_and_bump_versions(launches, monkeypatch):
     """Eager calls without autograd or dispatch modes run the op's body directly (the dispatcher's per-tensor work
     costs several times the body's); the versions of written tensors are bumped as the dispatcher would."""

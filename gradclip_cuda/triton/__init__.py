@@ -146,12 +146,24 @@ def _guard(device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _entry(xs, p=None, writes=False, capturing=False) -> _Entry:
+def _prepare(xs, p=None, capturing=False):
+    """(tensors the kernels take, pairs (original, copy) to write back, their key). With the compiled library the key
+    (one C++ pass, which runs the argument checks too) says whether every tensor is dense: then nothing else looks at
+    the tensors one by one in Python; otherwise _dense sorts them out and the key is that of the dense list."""
+    if _ops.C is not None:
+        key = _key(xs, p)
+        if key[-1]:  # every tensor dense (the last byte of _C.tensor_key)
+            return xs, [], key
+    dense, back = _dense(xs, capturing)
+    return dense, back, _key(dense, p)
+
+
+def _entry(xs, p=None, writes=False, capturing=False, key=None) -> _Entry:
     """The chunk table of xs, cached: built and copied to the device only when no table of these tensors is cached.
     Runs the argument checks of a norm of order p first; for an in-place pass (``writes``) refuses partly overlapping
     tensors before anything is written."""
     device = xs[0].device
-    key = _key(xs, p)
+    key = _key(xs, p) if key is None else key
     cache = _tables.setdefault(device, collections.OrderedDict())
     entry = cache.get(key)
     if entry is not None:
@@ -194,8 +206,8 @@ def _scratch(t: _Entry, device):
     return scratch[:c], scratch[c:c + n], scratch[c + n:c + n + 1], counter
 
 
-def _norm(xs, p, per_tensor, writes=False, capturing=False):
-    t = _entry(xs, p, writes, capturing)
+def _norm(xs, p, per_tensor, writes=False, capturing=False, key=None):
+    t = _entry(xs, p, writes, capturing, key)
     kind = _kind(p)
     device = xs[0].device
     partials, tensor_partials, acc, counter = _scratch(t, device)
@@ -306,8 +318,8 @@ def multi_tensor_norm(xs: list[torch.Tensor], p: float, per_tensor: bool = False
     device = xs[0].device
     with _guard(device):
         capturing = _capturing(device)
-        dense, _ = _dense(xs, capturing)
-        _, total, each, _ = _norm(dense, p, per_tensor, capturing=capturing)
+        dense, _, key = _prepare(xs, p, capturing)
+        _, total, each, _ = _norm(dense, p, per_tensor, capturing=capturing, key=key)
     return total, each
 
 
@@ -318,8 +330,8 @@ def multi_tensor_scale_(xs: list[torch.Tensor], total: torch.Tensor, max_norm: f
     device = xs[0].device
     with _guard(device):
         capturing = _capturing(device)
-        dense, back = _dense(xs, capturing)
-        t = _entry(dense, writes=True, capturing=capturing)
+        dense, back, key = _prepare(xs, None, capturing)
+        t = _entry(dense, writes=True, capturing=capturing, key=key)
         total = total.to(device)
         if total.dtype not in _CODES:
             total = total.double()
@@ -332,8 +344,8 @@ def clip_grad_norm_(xs: list[torch.Tensor], max_norm: float, p: float) -> torch.
     device = xs[0].device
     with _guard(device):
         capturing = _capturing(device)
-        dense, back = _dense(xs, capturing)
-        t, total, _, acc = _norm(dense, p, False, writes=True, capturing=capturing)
+        dense, back, key = _prepare(xs, p, capturing)
+        t, total, _, acc = _norm(dense, p, False, writes=True, capturing=capturing, key=key)
         _scale(t, acc, t.result_dtype == torch.float64, max_norm)
         _write_back(back)
     return total
@@ -344,8 +356,8 @@ def clip_grad_value_(xs: list[torch.Tensor], clip_value: float) -> None:
     device = xs[0].device
     with _guard(device):
         capturing = _capturing(device)
-        dense, back = _dense(xs, capturing)
-        t = _entry(dense, writes=True, capturing=capturing)
+        dense, back, key = _prepare(xs, None, capturing)
+        t = _entry(dense, writes=True, capturing=capturing, key=key)
         if t.n_chunks:
             wrap_triton(K.clamp_kernel)[_grid(t.n_chunks)](t.rows, _bits(clip_value), ALIGNED=t.aligned, BLOCK=BLOCK)
         _write_back(back)
