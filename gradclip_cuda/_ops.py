@@ -136,7 +136,7 @@ def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
 
 def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
     check_writable(xs)
-    writable(xs)  # refuses overlapping gradients before the norm runs
+    check_overlaps(xs)  # before the norm runs
     each = _per_tensor_norms(xs, p)
     dtype = result_dtype(xs)
     total = _compose(each, p).to(_acc_dtype(dtype))
@@ -180,6 +180,12 @@ def write_skips(xs) -> list:
         else:
             raise RuntimeError(OVERLAP_ERROR)
     return skip
+
+
+def check_overlaps(xs) -> None:
+    """Raises OVERLAP_ERROR where an in-place pass over ``xs`` would (``writable``), without making its copies: only
+    dense tensors are written in place, so only they can overlap."""
+    write_skips([x for x in xs if x.layout == torch.strided and _dense(x)])
 
 
 def writable(xs):

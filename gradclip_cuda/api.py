@@ -166,7 +166,7 @@ def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bo
         out[(device, sparse)] = (_TORCH if sparse else _impl_for(device, ts, backend), ts)
     if writes and len(out) > 1:  # each op refuses overlapping gradients itself; here, before the first op writes
         for _, ts in out.values():
-            _ops.writable(ts)
+            _ops.check_overlaps(ts)
     return out
 
 

@@ -217,7 +217,7 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     groups = api._groups(locals_, foreach, backend) if locals_ else {}
     if writes and len(groups) > 1:  # overlapping gradients across device groups, before the first op writes
         for _, ts in groups.values():
-            _ops.writable(ts)
+            _ops.check_overlaps(ts)
     dev = _comm_device(plan, locals_, plan.groups + pps)
     single = len(plan.keys) == 1
     key_of = {} if single else {id(t): k for t, k in zip(locals_, kidx)}
