@@ -34,15 +34,19 @@ void register_kernels() {
                                                __FILE__, __LINE__);
   g_cpu_lib->impl("multi_tensor_norm", TORCH_FN(multi_tensor_norm_cpu));
   g_cpu_lib->impl("multi_tensor_scale_", TORCH_FN(multi_tensor_scale_cpu));
+  g_cpu_lib->impl("multi_tensor_mul_", TORCH_FN(multi_tensor_mul_cpu));
   g_cpu_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cpu));
   g_cpu_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cpu));
+  g_cpu_lib->impl("adaptive_clip_grad_", TORCH_FN(adaptive_clip_grad_cpu));
 #ifdef GRADCLIP_WITH_CUDA
   g_cuda_lib = std::make_unique<torch::Library>(torch::Library::IMPL, "gradclip_cuda", c10::DispatchKey::CUDA,
                                                 __FILE__, __LINE__);
   g_cuda_lib->impl("multi_tensor_norm", TORCH_FN(multi_tensor_norm_cuda));
   g_cuda_lib->impl("multi_tensor_scale_", TORCH_FN(multi_tensor_scale_cuda));
+  g_cuda_lib->impl("multi_tensor_mul_", TORCH_FN(multi_tensor_mul_cuda));
   g_cuda_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cuda));
   g_cuda_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cuda));
+  g_cuda_lib->impl("adaptive_clip_grad_", TORCH_FN(adaptive_clip_grad_cuda));
 #endif
 }
 
@@ -62,8 +66,8 @@ enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3 };
 // The compiled kernels of one device type, for the fast path.
 struct Kernels {
   std::tuple<at::Tensor, at::Tensor> (*norm)(at::TensorList, double, bool);
-  void (*scale)(at::TensorList, const at::Tensor&, double);
-  at::Tensor (*clip)(at::TensorList, double, double);
+  void (*scale)(at::TensorList, const at::Tensor&, double, double);
+  at::Tensor (*clip)(at::TensorList, double, double, double);
   void (*value)(at::TensorList, double);
 };
 constexpr Kernels kCpuKernels{multi_tensor_norm_cpu, multi_tensor_scale_cpu, clip_grad_norm_cpu, clip_grad_value_cpu};
@@ -90,9 +94,10 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
 // (grads_of: their `.grad`, Nones skipped) or of tensors, all on one device whose type is in `devices` (1: CPU,
 // 2: CUDA). Returns None when the fast path does not apply (nothing to do, several devices, a device not asked for,
 // a tensor subclass, an unsupported dtype or layout, a total on another device): the caller then takes the general
-// path through the ops, which raises the proper errors.
+// path through the ops, which raises the proper errors. a, b: max_norm and p (clip), max_norm (scale), p (norm), the
+// clip value (value); eps: the coefficient's epsilon (scale, clip).
 py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, double b,
-                std::optional<at::Tensor> total) {
+                std::optional<at::Tensor> total, double eps) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
   PyObject* fast = seq.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
@@ -130,8 +135,8 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
     py::gil_scoped_release nogil;
     switch (static_cast<FastOp>(op)) {
       case FastOp::Norm: result = std::get<0>(k.norm(ts, a, false)); break;
-      case FastOp::Scale: k.scale(ts, total.value(), a); break;
-      case FastOp::Clip: result = k.clip(ts, a, b); break;
+      case FastOp::Scale: k.scale(ts, total.value(), a, eps); break;
+      case FastOp::Clip: result = k.clip(ts, a, b, eps); break;
       case FastOp::Value: k.value(ts, a); break;
     }
   }
@@ -250,7 +255,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &gradclip::build_info, "torch and CUDA versions this library was built against");
   m.def("register_kernels", &gradclip::register_kernels, "register the compiled kernels with the dispatcher");
   m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),
-        py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none());
+        py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none(), py::arg("eps") = 1e-6);
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
         py::arg("chunk_elems"), py::arg("capacity"));
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));

@@ -9,8 +9,8 @@ import torch as _torch
 
 from . import _ops
 from ._ops import ops
-from .api import (BACKENDS, available_backends, clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,
-                  get_total_norm, patch_torch)
+from .api import (BACKENDS, adaptive_clip_grad_, available_backends, clip_grad_norm_, clip_grad_norm_per_tensor_,
+                  clip_grad_value_, clip_grads_with_norm_, get_total_norm, patch_torch)
 
 __version__ = "0.1.0"
 
@@ -43,4 +43,4 @@ def build_info() -> dict:
 
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
-           "available_backends", "build_info", "BACKENDS", "ops"]
+           "available_backends", "build_info", "BACKENDS", "ops", "clip_grad_norm_per_tensor_", "adaptive_clip_grad_"]

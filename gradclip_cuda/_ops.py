@@ -10,10 +10,20 @@ Semantics shared by every implementation:
   p-norms (for p = 0 that counts the tensors holding a nonzero element, as torch's ``get_total_norm`` does), as a 0-d
   tensor in the promoted dtype of ``xs`` (what torch returns), computed in float32 or better (float64 for float64
   inputs) and rounded once. ``per_tensor`` adds each tensor's norm (else an empty tensor).
-- ``multi_tensor_scale_(xs, total, max_norm)``: multiplies ``xs`` in place by
-  ``clamp(max_norm / (total + 1e-6), max=1)``, computed on the device from ``total`` in float32 (float64 for a
-  float64 total); NaN propagates as in torch.
-- ``clip_grad_norm_(xs, max_norm, p)``: both; the coefficient comes from the unrounded total.
+- ``multi_tensor_scale_(xs, total, max_norm, eps)``: multiplies ``xs`` in place by
+  ``clamp(max_norm / (total + eps), max=1)`` (torch's formula with its eps = 1e-6 by default; eps = 0 gives
+  TensorFlow's exact ``max_norm / max(total, max_norm)``), computed on the device from ``total`` in float32 (float64
+  for a float64 total); NaN propagates as in torch. ``total`` holds one value (one coefficient for all) or one per
+  tensor (tensor i scaled by its own coefficient: per-tensor clipping). Nothing is written where a coefficient is 1.
+- ``multi_tensor_mul_(xs, coef)``: multiplies ``xs`` in place by ``coef`` (one value, or one per tensor), a
+  coefficient computed elsewhere on the device (adaptive thresholds, GradScaler hand-off), in each tensor's
+  accumulation type; nothing written where it is 1.
+- ``clip_grad_norm_(xs, max_norm, p, eps)``: both; the coefficient comes from the unrounded total.
+- ``adaptive_clip_grad_(grads, params, clip_factor, eps, p, unit_axis)``: unit-wise adaptive clipping (AGC): for
+  each unit (slice along ``unit_axis`` of a tensor with more than one dimension; the whole tensor otherwise),
+  ``max = max(||param_unit||_p, eps) * clip_factor``; the gradient unit is scaled by
+  ``max / max(||grad_unit||_p, 1e-6)`` where ``||grad_unit||_p >= max``, else left alone. Norms in float32
+  (float64 for float64 tensors), in a fixed order.
 - ``clip_grad_value_(xs, v)``: clamps ``xs`` in place to [-v, v] (clamp_min then clamp_max, as torch).
 """
 from __future__ import annotations
@@ -29,9 +39,12 @@ NAMESPACE = "gradclip_cuda"
 
 SCHEMAS = {
     "multi_tensor_norm": "(Tensor[] xs, float p, bool per_tensor=False) -> (Tensor, Tensor)",
-    "multi_tensor_scale_": "(Tensor(a!)[] xs, Tensor total, float max_norm) -> ()",
-    "clip_grad_norm_": "(Tensor(a!)[] xs, float max_norm, float p) -> Tensor",
+    "multi_tensor_scale_": "(Tensor(a!)[] xs, Tensor total, float max_norm, float eps=1e-06) -> ()",
+    "multi_tensor_mul_": "(Tensor(a!)[] xs, Tensor coef) -> ()",
+    "clip_grad_norm_": "(Tensor(a!)[] xs, float max_norm, float p, float eps=1e-06) -> Tensor",
     "clip_grad_value_": "(Tensor(a!)[] xs, float clip_value) -> ()",
+    "adaptive_clip_grad_": "(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps, float p, "
+                           "int unit_axis=0) -> ()",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -110,37 +123,68 @@ def norm_torch(xs, p: float, per_tensor: bool = False):
     return _compose(each, p).to(dtype), (each if per_tensor else each[:0]).to(dtype)
 
 
-def coefficient(total: torch.Tensor, max_norm: float, device) -> torch.Tensor:
-    """clamp(max_norm / (total + 1e-6), max=1) on ``device``, as torch evaluates it, in float32 (float64 for a
-    float64 total)."""
+def coefficient(total: torch.Tensor, max_norm: float, device, eps: float = 1e-6) -> torch.Tensor:
+    """clamp(max_norm / (total + eps), max=1) on ``device``, as torch evaluates it, in float32 (float64 for a
+    float64 total); one value per value of ``total``."""
     t = total.to(device=device, dtype=_acc_dtype(total.dtype))
-    return torch.clamp(torch.reciprocal(t + 1e-6) * max_norm, max=1.0)
+    return torch.clamp(torch.reciprocal(t + eps) * max_norm, max=1.0)
 
 
-def scale_torch_(xs, total: torch.Tensor, max_norm: float) -> None:
-    if total.numel() != 1:
-        raise RuntimeError(f"gradclip_cuda: total_norm must hold one value, got {total.numel()}")
+def check_coefficients(xs, values: torch.Tensor, what: str) -> None:
+    """A total or coefficient tensor holds one value, or one per tensor."""
+    if values.numel() != 1 and values.numel() != len(xs):
+        raise RuntimeError(f"gradclip_cuda: {what} must hold one value or one per tensor ({len(xs)}), "
+                           f"got {values.numel()}")
+
+
+def mul_torch_(xs, coef: torch.Tensor) -> None:
+    check_coefficients(xs, coef, "coef")
     check_writable(xs)
-    coef = coefficient(total, max_norm, xs[0].device)
-    targets, back = writable(xs)
-    if coef.device.type == "cpu" and bool(coef == 1):
+    if not xs:
+        return
+    coef = coef.to(xs[0].device).reshape(-1)
+    if coef.dtype not in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        coef = coef.double()
+    if coef.numel() == 1 and coef.device.type == "cpu" and bool(coef == 1):
         return  # nothing to write (on an accelerator we multiply instead: the test would cost a sync)
-    strided = [x for x in targets if x.layout == torch.strided]
+    per = coef.numel() > 1
+    index = {id(x): i for i, x in enumerate(xs)}
+    targets, back = writable(xs)
+    originals = {id(c): o for o, c in back}
+    by_acc: dict = {}
     for x in targets:
-        if x.layout != torch.strided:
-            x.mul_(coef)  # sparse, as torch scales it
-    if strided:
-        torch._foreach_mul_(strided, coef)
+        i = index[id(originals.get(id(x), x))] if per else 0
+        by_acc.setdefault(_acc_dtype(x.dtype), ([], []))
+        by_acc[_acc_dtype(x.dtype)][0].append(x)
+        by_acc[_acc_dtype(x.dtype)][1].append(i)
+    for acc, (ts, idx) in by_acc.items():
+        c = coef.to(acc)
+        if coef.numel() == 1:
+            for x in ts:
+                if x.layout != torch.strided:
+                    x.mul_(c[0])  # sparse, as torch scales it
+            strided = [x for x in ts if x.layout == torch.strided]
+            if strided:
+                torch._foreach_mul_(strided, c[0])
+        else:
+            for x, i in zip(ts, idx):
+                x.mul_(c[i])
     _write_back(back)
 
 
-def clip_torch_(xs, max_norm: float, p: float) -> torch.Tensor:
+def scale_torch_(xs, total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> None:
+    check_coefficients(xs, total, "total_norm")
+    check_writable(xs)
+    mul_torch_(xs, coefficient(total.reshape(-1), max_norm, xs[0].device, eps))
+
+
+def clip_torch_(xs, max_norm: float, p: float, eps: float = 1e-6) -> torch.Tensor:
     check_writable(xs)
     check_overlaps(xs)  # before the norm runs
     each = _per_tensor_norms(xs, p)
     dtype = result_dtype(xs)
     total = _compose(each, p).to(_acc_dtype(dtype))
-    scale_torch_(xs, total, max_norm)
+    scale_torch_(xs, total, max_norm, eps)
     return total.to(dtype)
 
 
@@ -236,8 +280,75 @@ def value_torch_(xs, clip_value: float) -> None:
     _write_back(back)
 
 
+def unit_shape(shape, unit_axis: int) -> tuple[int, int, int]:
+    """(outer, units, inner) of a tensor of ``shape`` for AGC: element i (in contiguous order) belongs to unit
+    ``(i // inner) % units``. Tensors of at most one dimension are one unit."""
+    numel = math.prod(shape)
+    if len(shape) <= 1:
+        return 1, 1, numel
+    axis = unit_axis % len(shape) if -len(shape) <= unit_axis < len(shape) else None
+    if axis is None:
+        raise IndexError(f"gradclip_cuda: unit_axis {unit_axis} is out of range for a gradient of {len(shape)} "
+                         "dimensions")
+    return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+
+
+def check_agc(grads, params, unit_axis: int) -> None:
+    """The errors of an AGC pass, for the whole list before anything is written."""
+    if len(grads) != len(params):
+        raise RuntimeError(f"gradclip_cuda: adaptive_clip_grad_ takes one parameter per gradient, got {len(grads)} "
+                           f"gradients and {len(params)} parameters")
+    check_writable(grads, complex_ok=False)
+    for g, w in zip(grads, params):
+        if g.layout != torch.strided or w.layout != torch.strided:
+            raise NotImplementedError("gradclip_cuda: adaptive_clip_grad_ takes dense (strided) gradients and "
+                                      "parameters only; nothing was written")
+        if g.shape != w.shape:
+            raise RuntimeError(f"gradclip_cuda: a gradient of shape {tuple(g.shape)} belongs to a parameter of shape "
+                               f"{tuple(w.shape)}; nothing was written")
+        if g.device != w.device or g.device != grads[0].device:
+            raise RuntimeError("gradclip_cuda: adaptive_clip_grad_ takes gradients and parameters on one device; "
+                               "nothing was written")
+        if not w.is_floating_point() or _float8(w):
+            raise RuntimeError(f"gradclip_cuda: adaptive_clip_grad_ takes floating-point parameters (float32, "
+                               f"float16, bfloat16, float64), got {w.dtype}; nothing was written")
+        unit_shape(tuple(g.shape), unit_axis)
+    dense = [g for g in grads if g.numel() > 0 and _dense(g)]
+    try:
+        shared = any(write_skips(dense))
+    except RuntimeError:
+        shared = True
+    if shared:
+        raise RuntimeError("gradclip_cuda: two gradients share memory (the same gradient twice, or views of one "
+                           "buffer); a unit-wise pass cannot scale shared elements consistently, so nothing was "
+                           "written")
+
+
+def unit_norms(x: torch.Tensor, p: float, unit_axis: int) -> torch.Tensor:
+    """The p-norm of each AGC unit of x (see unit_shape), in float32 (float64 for float64), shaped (1, units, 1)
+    to broadcast over x viewed as (outer, units, inner)."""
+    outer, units, inner = unit_shape(tuple(x.shape), unit_axis)
+    v = x.detach().reshape(outer, units, inner).to(_acc_dtype(x.dtype)).transpose(0, 1).reshape(units, -1)
+    return torch.linalg.vector_norm(v, p, dim=1).reshape(1, units, 1)
+
+
+def agc_torch_(grads, params, clip_factor: float, eps: float, p: float, unit_axis: int = 0) -> None:
+    check_agc(grads, params, unit_axis)
+    for g, w in zip(grads, params):
+        if g.numel() == 0:
+            continue
+        outer, units, inner = unit_shape(tuple(g.shape), unit_axis)
+        acc = _acc_dtype(g.dtype)
+        limit = unit_norms(w, p, unit_axis).to(acc).clamp(min=eps) * clip_factor
+        gn = unit_norms(g, p, unit_axis)
+        coef = torch.where(gn < limit, torch.ones_like(gn), limit.to(acc) / gn.to(acc).clamp(min=1e-6))
+        scaled = (g.detach().reshape(outer, units, inner).to(acc) * coef.to(acc)).to(g.dtype)
+        g.copy_(scaled.reshape(g.shape))
+
+
 for _name, _fn in (("multi_tensor_norm", norm_torch), ("multi_tensor_scale_", scale_torch_),
-                   ("clip_grad_norm_", clip_torch_), ("clip_grad_value_", value_torch_)):
+                   ("multi_tensor_mul_", mul_torch_), ("clip_grad_norm_", clip_torch_),
+                   ("clip_grad_value_", value_torch_), ("adaptive_clip_grad_", agc_torch_)):
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
@@ -250,12 +361,17 @@ def _norm_fake(xs, p, per_tensor=False):
 
 
 @torch.library.register_fake(f"{NAMESPACE}::multi_tensor_scale_")
-def _scale_fake(xs, total, max_norm):
+def _scale_fake(xs, total, max_norm, eps=1e-6):
+    return None
+
+
+@torch.library.register_fake(f"{NAMESPACE}::multi_tensor_mul_")
+def _mul_fake(xs, coef):
     return None
 
 
 @torch.library.register_fake(f"{NAMESPACE}::clip_grad_norm_")
-def _clip_fake(xs, max_norm, p):
+def _clip_fake(xs, max_norm, p, eps=1e-6):
     return xs[0].new_empty((), dtype=result_dtype(xs))
 
 
@@ -264,8 +380,13 @@ def _value_fake(xs, clip_value):
     return None
 
 
-FAKES = {"multi_tensor_norm": _norm_fake, "multi_tensor_scale_": _scale_fake, "clip_grad_norm_": _clip_fake,
-         "clip_grad_value_": _value_fake}
+@torch.library.register_fake(f"{NAMESPACE}::adaptive_clip_grad_")
+def _agc_fake(grads, params, clip_factor, eps, p, unit_axis=0):
+    return None
+
+
+FAKES = {"multi_tensor_norm": _norm_fake, "multi_tensor_scale_": _scale_fake, "multi_tensor_mul_": _mul_fake,
+         "clip_grad_norm_": _clip_fake, "clip_grad_value_": _value_fake, "adaptive_clip_grad_": _agc_fake}
 
 
 # ---- the compiled library ----

@@ -32,7 +32,6 @@ import warnings
 import torch
 from torch.amp.grad_scaler import OptState
 
-from . import _ops
 
 _ATTRS = ("grad_scale", "found_inf")
 _warned_defer = []
@@ -89,7 +88,7 @@ def check(params, scaler, optimizer, defer, skip_nonfinite) -> bool:
     return defer
 
 
-def coefficient(total, max_norm: float, scaler):
+def coefficient(total, max_norm: float, scaler, eps: float = 1e-6):
     """(unscaled total, combined coefficient as a float32 0-d tensor on the total's device, non-finite flag as a
     float32 0-d tensor): torch's clip coefficient of the unscaled total, times 1 / scale with a scaler."""
     acc = total.to(torch.float64 if total.dtype == torch.float64 else torch.float32)
@@ -99,15 +98,16 @@ def coefficient(total, max_norm: float, scaler):
         unscaled = acc * inv
     else:
         inv, unscaled = None, acc
-    clip = torch.clamp(torch.reciprocal(unscaled + 1e-6) * max_norm, max=1.0)
+    clip = torch.clamp(torch.reciprocal(unscaled + eps) * max_norm, max=1.0)
     combined = (clip * inv if inv is not None else clip).to(torch.float32)
     return unscaled.to(total.dtype), combined, nonfinite
 
 
-def apply(params, grads, total, max_norm, scaler, optimizer, hand_off: bool, skip_nonfinite: bool):
-    """Applies the combined coefficient (in place, or handed to the optimizer) and records what the scaler and the
-    optimizer need. Returns the unscaled total."""
-    unscaled, combined, nonfinite = coefficient(total, max_norm, scaler)
+def apply(params, grads, total, max_norm, scaler, optimizer, hand_off: bool, skip_nonfinite: bool,
+          multiply=None, eps: float = 1e-6):
+    """Applies the combined coefficient (in place with ``multiply(grads, coef)``, or handed to the optimizer) and
+    records what the scaler and the optimizer need. Returns the unscaled total."""
+    unscaled, combined, nonfinite = coefficient(total, max_norm, scaler, eps)
     enabled = scaler is not None and scaler.is_enabled()
     devices = list(dict.fromkeys(g.device for g in grads))
     if enabled:
@@ -122,17 +122,7 @@ def apply(params, grads, total, max_norm, scaler, optimizer, hand_off: bool, ski
                 optimizer.found_inf = nonfinite.to(device)
             _clear_after_step(optimizer)
         return unscaled
-    for d in devices:
-        ts, back = _ops.writable([g for g in grads if g.device == d])
-        c = combined.to(d)
-        strided = [t for t in ts if t.layout == torch.strided]
-        if strided:
-            torch._foreach_mul_(strided, c)
-        for t in ts:
-            if t.layout != torch.strided:
-                t.mul_(c)  # sparse
-        for original, copy in back:
-            original.copy_(copy)
+    multiply(grads, combined)
     if skip_nonfinite and not enabled:
         optimizer.found_inf = nonfinite.to(grads[0].device)
         _clear_after_step(optimizer)

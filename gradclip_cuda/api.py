@@ -31,7 +31,7 @@ from . import distributed as _dist
 from ._ops import ops
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
-           "available_backends", "BACKENDS"]
+           "available_backends", "BACKENDS", "clip_grad_norm_per_tensor_", "adaptive_clip_grad_"]
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 """auto: per device, the compiled kernels where the library has them (CPU; CUDA when built with CUDA), else the
@@ -40,9 +40,11 @@ cpu: the compiled CPU kernels (CPU tensors only). cuda: the compiled CUDA kernel
 triton: the Triton kernels (gradclip_cuda/triton; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 torch: the pure-PyTorch kernels, on any device."""
 
-_Impl = namedtuple("_Impl", "norm scale clip value")
-_OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_, ops.clip_grad_value_)
-_TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_)
+_Impl = namedtuple("_Impl", "norm scale clip value mul agc")
+_OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_, ops.clip_grad_value_,
+             ops.multi_tensor_mul_, ops.adaptive_clip_grad_)
+_TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_, _ops.mul_torch_,
+               _ops.agc_torch_)
 _COMPILED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
 _NORM, _SCALE, _CLIP, _VALUE = 0, 1, 2, 3  # operations of _C.fast
 _CPU, _CUDA = 1, 2  # device types of _C.fast
@@ -59,7 +61,8 @@ def _triton():
         from . import triton as t
     except ImportError:
         return None
-    return _Impl(t.multi_tensor_norm, t.multi_tensor_scale_, t.clip_grad_norm_, t.clip_grad_value_)
+    return _Impl(t.multi_tensor_norm, t.multi_tensor_scale_, t.clip_grad_norm_, t.clip_grad_value_,
+                 t.multi_tensor_mul_, t.adaptive_clip_grad_)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -171,7 +174,24 @@ def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bo
 
 
 def _total(groups: dict, p: float) -> torch.Tensor:
-    totals = [impl.norm(ts, p)[0] for impl, ts in groups.values()]
+    return _combine([impl.norm(ts, p)[0] for impl, ts in groups.values()], groups, p)
+
+
+def total_and_each(groups: dict, tensors, p: float):
+    """(total, per-tensor norms in the order of ``tensors``) with one norm pass per device group."""
+    outs = [impl.norm(ts, p, True) for impl, ts in groups.values()]
+    total = _combine([o[0] for o in outs], groups, p)
+    if len(outs) == 1:
+        return total, outs[0][1]
+    position = {id(t): i for i, t in enumerate(tensors)}
+    index = torch.tensor([position[id(t)] for _, ts in groups.values() for t in ts], device=total.device)
+    each = torch.empty(len(tensors), dtype=total.dtype, device=total.device)
+    each[index] = torch.cat([o[1].to(total.device, total.dtype) for o in outs])
+    return total, each
+
+
+def _combine(totals, groups: dict, p: float) -> torch.Tensor:
+    """The total of the per-device totals (torch's composition)."""
     if len(totals) == 1:
         return totals[0]
     first = next(iter(groups))[0]
@@ -198,9 +218,20 @@ def _check_finite(total: torch.Tensor, p: float) -> None:
             "`error_if_nonfinite=False`")
 
 
-def _scale(groups: dict, total: torch.Tensor, max_norm: float) -> None:
+def _eps(v) -> float:
+    return _number("eps", v, allow_negative=False, what="a non-negative number")
+
+
+def _scale(groups: dict, total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> None:
     for (device, _), (impl, ts) in groups.items():
-        impl.scale(ts, total if total.device == device else total.to(device), max_norm)
+        impl.scale(ts, total if total.device == device else total.to(device), max_norm, eps)
+
+
+def multiply_(groups: dict, coef: torch.Tensor) -> None:
+    """Multiplies every gradient of ``groups`` (from _groups, writes=True) in place by the device coefficient
+    ``coef`` (one value): one launch per device (op multi_tensor_mul_), nothing written where it is 1."""
+    for (device, _), (impl, ts) in groups.items():
+        impl.mul(ts, coef if coef.device == device else coef.to(device))
 
 
 # ---- the drop-in functions ----
@@ -234,29 +265,37 @@ def get_total_norm(tensors, norm_type: float = 2.0, error_if_nonfinite: bool = F
 
 
 def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor, foreach=None, *,
-                          backend: str = "auto") -> None:
+                          backend: str = "auto", eps: float = 1e-6) -> None:
     """Same as ``torch.nn.utils.clip_grads_with_norm_``: scales the gradients by
-    ``min(max_norm / (total_norm + 1e-6), 1)``; writes nothing where that is 1. Purely local for DTensor gradients
-    (their local shards are scaled; a DTensor ``total_norm`` is read as its local value: no collective)."""
+    ``min(max_norm / (total_norm + eps), 1)`` (torch's eps = 1e-6 by default; ``eps=0``: TensorFlow's exact cap);
+    writes nothing where that is 1. Purely local for DTensor gradients (their local shards are scaled; a DTensor
+    ``total_norm`` is read as its local value: no collective)."""
     params = _as_list(parameters)
     max_norm = _max_norm(max_norm)
+    eps = _eps(eps)
     _check_backend(backend)
     total = total_norm if isinstance(total_norm, torch.Tensor) else torch.as_tensor(float(total_norm))
     total = _dist.local(total)
+    if total.numel() != 1:
+        raise RuntimeError(f"gradclip_cuda: total_norm must hold one value, got {total.numel()}")
     devices = _fast(backend)
-    if devices and _ops.C.fast(params, True, devices, _SCALE, max_norm, 0.0, total) is not None:
+    if devices and _ops.C.fast(params, True, devices, _SCALE, max_norm, 0.0, total, eps) is not None:
         return
     with torch.no_grad():
         grads = [_dist.local(p.grad) for p in params if p.grad is not None]
         if grads:
-            _scale(_groups(grads, foreach, backend, writes=True), total, max_norm)
+            _scale(_groups(grads, foreach, backend, writes=True), total, max_norm, eps)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
-                    foreach=None, *, backend: str = "auto", scaler=None, optimizer=None, defer: bool = False,
-                    skip_nonfinite: bool = False, process_group=None, pp_group=None) -> torch.Tensor:
+                    foreach=None, *, backend: str = "auto", eps: float = 1e-6, scaler=None, optimizer=None,
+                    defer: bool = False, skip_nonfinite: bool = False, process_group=None, pp_group=None,
+                    stats=None) -> torch.Tensor:
     """Same as ``torch.nn.utils.clip_grad_norm_``: computes the total norm of the gradients of ``parameters``,
-    scales them in place by ``min(max_norm / (total + 1e-6), 1)`` and returns the total.
+    scales them in place by ``min(max_norm / (total + eps), 1)`` and returns the total. ``eps`` (keyword-only):
+    torch's 1e-6 by default; ``eps=0`` gives TensorFlow's exact ``clip_by_global_norm`` cap (README, "Clipping
+    policies"). ``stats`` (a gradclip_cuda.ClipStats): records the total, the coefficient and whether it clipped,
+    on the device (no sync).
 
     Keyword-only, for mixed precision and the optimizer step (gradclip_cuda/amp.py): ``scaler`` (a GradScaler that
     scaled this step's loss, with ``optimizer``) unscales and clips in one multiply and leaves the scaler as its
@@ -271,14 +310,15 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
     params = _as_list(parameters, warn_empty_generator=True)
     max_norm = _max_norm(max_norm)
     p = _norm_type(norm_type)
+    eps = _eps(eps)
     _check_backend(backend)
     grouped = _check_dist(process_group, pp_group)
-    if scaler is not None or optimizer is not None or defer or skip_nonfinite:
+    if scaler is not None or optimizer is not None or defer or skip_nonfinite or stats is not None:
         return _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer,
-                                    defer, skip_nonfinite, process_group, pp_group)
+                                    defer, skip_nonfinite, process_group, pp_group, eps, stats)
     devices = 0 if grouped else _fast(backend)
     if devices and not error_if_nonfinite:
-        total = _ops.C.fast(params, True, devices, _CLIP, max_norm, p)
+        total = _ops.C.fast(params, True, devices, _CLIP, max_norm, p, None, eps)
         if total is not None:
             return total
     with torch.no_grad():
@@ -288,41 +328,52 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
                                                         process_group=process_group, pp_group=pp_group)
             if error_if_nonfinite:
                 _check_finite(total, p)
-            _scale(groups, acc, max_norm)
+            _scale(groups, acc, max_norm, eps)
             return _dist.wrap(total, mesh)
         if not grads:
             return torch.tensor(0.0)
         groups = _groups(grads, foreach, backend, writes=True)
         if len(groups) == 1 and not error_if_nonfinite:
             impl, ts = next(iter(groups.values()))
-            return impl.clip(ts, max_norm, p)
+            return impl.clip(ts, max_norm, p, eps)
         total = _total(groups, p)
         if error_if_nonfinite:
             _check_finite(total, p)
-        _scale(groups, total, max_norm)
+        _scale(groups, total, max_norm, eps)
         return total
 
 
 def _clip_with_optimizer(params, max_norm, p, error_if_nonfinite, foreach, backend, scaler, optimizer, defer,
-                         skip_nonfinite, process_group=None, pp_group=None) -> torch.Tensor:
+                         skip_nonfinite, process_group=None, pp_group=None, eps=1e-6, stats=None) -> torch.Tensor:
+    """The clip as a norm pass, a coefficient computed on the device and one multiply (or a hand-off to the
+    optimizer): for a GradScaler, a fused optimizer, skip_nonfinite, and ClipStats."""
     from . import amp
     hand_off = amp.check(params, scaler, optimizer, defer, skip_nonfinite)
     with torch.no_grad():
         grads = [g.grad for g in params if g.grad is not None]
         if process_group is not None or pp_group is not None or _dist.has_dtensor(grads):
-            total, _, _, mesh = _dist.total_norm(grads, p, foreach, backend, writes=not hand_off,
-                                                 process_group=process_group, pp_group=pp_group)
+            total, _, groups, mesh = _dist.total_norm(grads, p, foreach, backend, writes=not hand_off,
+                                                      process_group=process_group, pp_group=pp_group)
             if error_if_nonfinite:
                 _check_finite(total, p)
             locals_ = [_dist.local(g) for g in grads]
-            return _dist.wrap(amp.apply(params, locals_, total, max_norm, scaler, optimizer, hand_off,
-                                        skip_nonfinite), mesh)
-        if not grads:
-            return torch.tensor(0.0)
-        total = _total(_groups(grads, foreach, backend, writes=not hand_off), p)  # one read pass
-        if error_if_nonfinite:
-            _check_finite(total, p)
-        return amp.apply(params, grads, total, max_norm, scaler, optimizer, hand_off, skip_nonfinite)
+        else:
+            if not grads:
+                return torch.tensor(0.0)
+            groups = _groups(grads, foreach, backend, writes=not hand_off)
+            mesh, locals_ = None, grads
+            if stats is not None and stats.top_k:  # one read pass, with the per-tensor norms
+                total, each = total_and_each(groups, grads, p)
+            else:
+                total, each = _total(groups, p), None  # one read pass
+            if error_if_nonfinite:
+                _check_finite(total, p)
+        unscaled = amp.apply(params, locals_, total, max_norm, scaler, optimizer, hand_off, skip_nonfinite,
+                             multiply=lambda _, coef: multiply_(groups, coef), eps=eps)
+        if stats is not None:
+            stats.record(unscaled, max_norm, eps=eps, per_tensor=each if mesh is None else None,
+                         positions=[i for i, q in enumerate(params) if q.grad is not None])
+        return _dist.wrap(unscaled, mesh)
 
 
 def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: str = "auto") -> None:
@@ -337,6 +388,98 @@ def clip_grad_value_(parameters, clip_value: float, foreach=None, *, backend: st
         grads = [_dist.local(g.grad) for g in params if g.grad is not None]  # DTensors: purely local
         for impl, ts in _groups(grads, foreach, backend, writes=True, complex_ok=False).values():
             impl.value(ts, v)
+
+
+def clip_grad_norm_per_tensor_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                               foreach=None, *, eps: float = 1e-6, backend: str = "auto") -> torch.Tensor:
+    """Per-tensor ("individual") norm clipping, as TensorFlow's ``clip_by_norm`` and Keras' ``clipnorm`` apply it to
+    each gradient: gradient i is scaled in place by ``min(max_norm / (norm_i + eps), 1)`` (``eps=0``: their exact
+    ``max_norm / max(norm_i, max_norm)``). One norm pass (the per-tensor norms the norm op computes anyway) and one
+    scale launch per device. Returns the per-tensor norms before clipping, one per gradient (parameters without a
+    gradient are left out), in their promoted dtype, on the first gradient's device."""
+    params = _as_list(parameters, warn_empty_generator=True)
+    max_norm = _max_norm(max_norm)
+    p = _norm_type(norm_type)
+    eps = _eps(eps)
+    _check_backend(backend)
+    with torch.no_grad():
+        grads = [_dist.local(q.grad) for q in params if q.grad is not None]
+        if not grads:
+            return torch.empty(0)
+        groups = _groups(grads, foreach, backend, writes=True)
+        outs = {key: impl.norm(ts, p, True)[1] for key, (impl, ts) in groups.items()}
+        if error_if_nonfinite:
+            each = torch.cat([o.double().cpu() for o in outs.values()])
+            if not bool(torch.isfinite(each).all()):  # the caller asked for the sync
+                raise RuntimeError(f"The norm of order {p} of a gradient from `parameters` is non-finite, so it cannot "
+                                   "be clipped. To disable this error and scale the gradients by the non-finite norm "
+                                   "anyway, set `error_if_nonfinite=False`")
+        for key, (impl, ts) in groups.items():
+            impl.scale(ts, outs[key], max_norm, eps)
+        if len(groups) == 1:
+            return next(iter(outs.values()))
+        first = grads[0].device
+        dtype = _ops.result_dtype(grads)
+        position = {id(t): i for i, t in enumerate(grads)}
+        index = torch.tensor([position[id(t)] for _, ts in groups.values() for t in ts], device=first)
+        each = torch.empty(len(grads), dtype=dtype, device=first)
+        each[index] = torch.cat([o.to(first, dtype) for o in outs.values()])
+        return each
+
+
+def _named(parameters):
+    """(names or None, parameters) from a module, (name, parameter) pairs, or parameters."""
+    if isinstance(parameters, torch.nn.Module):
+        parameters = parameters.named_parameters()
+    items = list(_as_list(parameters))
+    if items and isinstance(items[0], tuple):
+        return [n for n, _ in items], [q for _, q in items]
+    return None, items
+
+
+def _excluder(exclude):
+    """A predicate (name, parameter) -> bool from ``exclude``: None, a predicate, or names / fnmatch patterns."""
+    if exclude is None:
+        return None
+    if callable(exclude):
+        return exclude
+    import fnmatch
+    patterns = [exclude] if isinstance(exclude, str) else list(exclude)
+    return lambda name, _: name is not None and any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def adaptive_clip_grad_(parameters, clip_factor: float = 0.01, eps: float = 1e-3, norm_type: float = 2.0, *,
+                        unit_axis: int = 0, exclude=None, backend: str = "auto") -> None:
+    """Unit-wise adaptive gradient clipping (AGC, Brock et al. 2021), as timm's ``adaptive_clip_grad`` with the same
+    defaults: for each unit (a slice along ``unit_axis`` of a parameter with two or more dimensions: the output
+    dimension, 0, in PyTorch's layout; -1 for JAX/Haiku's; the whole tensor for one dimension or none),
+    ``limit = max(||param_unit||, eps) * clip_factor``, and a gradient unit whose norm reaches it is scaled to it
+    (``limit / max(||grad_unit||, 1e-6)``). One fused pass over parameters and gradients per device (op
+    adaptive_clip_grad_): both unit-wise norms, then the scale, with no host sync.
+
+    ``parameters``: parameters, (name, parameter) pairs (``model.named_parameters()``) or a module. ``exclude``:
+    parameters left unclipped, by name (a name or fnmatch pattern, or a list of them; needs names) or by a predicate
+    ``(name, parameter) -> bool`` (name None without names), e.g. the classifier head, as the AGC paper advises."""
+    names, params = _named(parameters)
+    f = _number("clip_factor", clip_factor, allow_negative=False, what="a non-negative number")
+    eps = _eps(eps)
+    p = _norm_type(norm_type)
+    _check_backend(backend)
+    skip = _excluder(exclude)
+    if skip is not None and names is None and not callable(exclude):
+        raise ValueError("exclude by name needs named parameters: pass model.named_parameters() or the module")
+    with torch.no_grad():
+        pairs = [(q.grad, q.detach()) for i, q in enumerate(params) if q.grad is not None
+                 and not (skip is not None and skip(names[i] if names else None, q))]
+        if not pairs:
+            return
+        by_device: dict = {}
+        for g, w in pairs:
+            by_device.setdefault(g.device, []).append((g, w))
+        groups = _groups([g for g, _ in pairs], None, backend, writes=True, complex_ok=False)
+        for (device, _), (impl, _) in groups.items():
+            gs, ws = zip(*by_device[device])
+            impl.agc(list(gs), list(ws), f, eps, p, int(unit_axis))
 
 
 # ---- patching torch ----

@@ -86,20 +86,32 @@ GC_HD A tensor_to_total(NormKind k, A tensor_partial) {
 }
 
 // The clipping coefficient, computed the way torch computes it in the total's precision A:
-// clamp(max_norm / (total + 1e-6), max=1), where torch evaluates `scalar / t` as `t.reciprocal() * scalar`.
-// NaN propagates (torch's clamp keeps NaN), so a NaN total turns the gradients into NaN as torch does.
+// clamp(max_norm / (total + eps), max=1) with torch's eps = 1e-6 by default, where torch evaluates `scalar / t` as
+// `t.reciprocal() * scalar`. eps = 0 gives TensorFlow's exact cap (a total of 0 gives 1). NaN propagates (torch's
+// clamp keeps NaN), so a NaN total turns the gradients into NaN as torch does.
 template <typename A>
-GC_HD A clip_coef(A total, double max_norm) {
-  A r = A(1) / (total + A(1e-6));
+GC_HD A clip_coef(A total, double max_norm, double eps) {
+  A r = A(1) / (total + A(eps));
   A c = r * A(max_norm);
   return (c < A(1) || c != c) ? c : A(1);
 }
 
 // The coefficient in the precision torch would use for this total: double when the total is float64 (`f64`),
 // else float (returned widened to double, exactly).
-GC_HD double coef_for(double total, bool f64, double max_norm) {
-  return f64 ? clip_coef<double>(total, max_norm)
-             : static_cast<double>(clip_coef<float>(static_cast<float>(total), max_norm));
+GC_HD double coef_for(double total, bool f64, double max_norm, double eps) {
+  return f64 ? clip_coef<double>(total, max_norm, eps)
+             : static_cast<double>(clip_coef<float>(static_cast<float>(total), max_norm, eps));
+}
+
+// AGC's coefficient for one unit, in the gradient's accumulation type A (timm's adaptive_clip_grad): the unit's
+// limit is max(param_norm, eps) * clip_factor; a gradient unit whose norm reaches the limit is scaled by
+// limit / max(grad_norm, 1e-6) (an IEEE division), any other is left alone (coefficient 1). NaN propagates.
+template <typename A>
+GC_HD A agc_coef(A param_norm, A grad_norm, double clip_factor, double eps) {
+  const A e = A(eps);
+  const A limit = (param_norm < e ? e : param_norm) * A(clip_factor);
+  if (grad_norm < limit) return A(1);
+  return limit / (grad_norm < A(1e-6) ? A(1e-6) : grad_norm);
 }
 
 // clip_grad_value_: torch applies clamp_min(-v) and then clamp_max(v), both NaN-preserving.

@@ -76,6 +76,47 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
   return plan;
 }
 
+AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis) {
+  TORCH_CHECK(grads.size() == params.size(), "gradclip_cuda: adaptive_clip_grad_ takes one parameter per gradient, got ",
+              grads.size(), " gradients and ", params.size(), " parameters");
+  AgcCheck out;
+  std::vector<TensorRef> dense;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const at::Tensor& g = grads[i];
+    const at::Tensor& w = params[i];
+    TORCH_CHECK(g.defined() && w.defined(), "gradclip_cuda: gradient or parameter ", i, " is undefined");
+    TORCH_CHECK_NOT_IMPLEMENTED(g.layout() == at::kStrided && w.layout() == at::kStrided,
+                                "gradclip_cuda: adaptive_clip_grad_ takes dense (strided) gradients and parameters "
+                                "only; nothing was written");
+    const DType gd = dtype_of(g.scalar_type());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()), "gradclip_cuda: adaptive_clip_grad_ takes floating-point "
+                "parameters, got ", w.scalar_type(), "; nothing was written");
+    dtype_of(w.scalar_type());
+    TORCH_CHECK(g.sizes() == w.sizes(), "gradclip_cuda: a gradient of shape ", g.sizes(),
+                " belongs to a parameter of shape ", w.sizes(), "; nothing was written");
+    TORCH_CHECK(g.device() == grads[0].device() && w.device() == g.device(), "gradclip_cuda: adaptive_clip_grad_ "
+                "takes gradients and parameters on one device; nothing was written");
+    const int64_t nd = g.dim();
+    UnitShape s{1, 1, g.numel()};
+    if (nd > 1) {
+      TORCH_CHECK_INDEX(unit_axis >= -nd && unit_axis < nd, "gradclip_cuda: unit_axis ", unit_axis,
+                        " is out of range for a gradient of ", nd, " dimensions");
+      const int64_t a = unit_axis < 0 ? unit_axis + nd : unit_axis;
+      s.units = g.size(a);
+      s.outer = 1;
+      for (int64_t d = 0; d < a; ++d) s.outer *= g.size(d);
+      s.inner = 1;
+      for (int64_t d = a + 1; d < nd; ++d) s.inner *= g.size(d);
+    }
+    out.shapes.push_back(s);
+    if (g.numel() > 0 && g.is_non_overlapping_and_dense()) dense.push_back({g.data_ptr(), g.numel(), gd});
+  }
+  const WriteSkips sk = write_skips(dense);
+  TORCH_CHECK(!sk.any && !sk.overlap, "gradclip_cuda: two gradients share memory (the same gradient twice, or views "
+              "of one buffer); a unit-wise pass cannot scale shared elements consistently, so nothing was written");
+  return out;
+}
+
 WriteSkips write_skips(const std::vector<TensorRef>& ts) {
   const size_t n = ts.size();
   WriteSkips w;

@@ -77,6 +77,21 @@ void drop_repeated_tensors(Plan& plan);
 // on the number of threads.
 constexpr int64_t kCpuChunk = int64_t(1) << 16;
 
+// AGC's view of a gradient (and its parameter) in contiguous element order: element i belongs to unit
+// (i / inner) % units; tensors of at most one dimension are one unit (outer = units = 1).
+struct UnitShape {
+  int64_t outer, units, inner;
+};
+
+struct AgcCheck {
+  std::vector<UnitShape> shapes;  // one per gradient
+};
+
+// The checks of an AGC pass over the whole list, before anything is written (torch's error types): one parameter
+// per gradient, of its shape, on one device; floating-point dense gradients and parameters; unit_axis in range;
+// gradients that share no memory (a unit-wise pass cannot scale shared elements consistently).
+AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis);
+
 // The kernels' dtype code of a scalar type; raises (torch's wording for integers) on any other dtype.
 DType dtype_of(at::ScalarType st);
 

@@ -183,15 +183,89 @@ GC_INLINE void norm_body(const Plan& plan, int64_t b, int64_t e, NormKind k, dou
   }
 }
 
-// x * coef in the element's accumulation type (float, or double for double), rounded back to the element type.
+// x * coef in the element's accumulation type (float, or double for double), rounded back to the element type; coefs
+// holds one coefficient, or one per tensor (per_tensor); a chunk whose coefficient is 1 is not written.
 // Backward: each thread gets the same chunks as in the norm pass and starts with the ones it read last, which are
 // still in its caches.
 template <class ISA>
-GC_INLINE void scale_body(const Plan& plan, int64_t b, int64_t e, double coef) {
-  each_chunk(plan, b, e, GC_LAMBDA((void)i; using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
+GC_INLINE void scale_body(const Plan& plan, int64_t b, int64_t e, const double* coefs, bool per_tensor) {
+  each_chunk(plan, b, e, GC_LAMBDA(using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
+                                   const double coef = coefs[per_tensor ? plan.chunks[i].tensor : 0];
+                                   if (coef == 1.0) return;
                                    const A c = static_cast<A>(coef);
                                    map_chunk<ISA>(x, n, [c](A v) __attribute__((always_inline)) { return v * c; })),
              /*backward=*/true);
+}
+
+// Calls f with the typed pointer of a tensor's data.
+template <typename F>
+GC_INLINE void typed(void* data, DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: return f(static_cast<float*>(data));
+    case DType::F16: return f(static_cast<c10::Half*>(data));
+    case DType::BF16: return f(static_cast<c10::BFloat16*>(data));
+    case DType::F64: return f(static_cast<double*>(data));
+  }
+}
+
+// One AGC unit of a gradient and its parameter, both contiguous (see AgcTensor below).
+struct AgcTensor {
+  void* grad;
+  const void* param;
+  DType gdt, pdt;
+  int64_t outer, units, inner;
+};
+
+// The partial of norm kind K over a unit's elements: its segments (one per outer index) in order, each in pieces of
+// at most kCpuChunk elements reduced by reduce_chunk, combined in double in that order.
+template <NormKind K, class ISA>
+GC_INLINE double unit_partial(const void* data, DType dt, const AgcTensor& t, int64_t u, double p) {
+  double acc = identity<double>(K);
+  typed(const_cast<void*>(data), dt, [&](auto* x) __attribute__((always_inline)) {
+    for (int64_t o = 0; o < t.outer; ++o) {
+      const int64_t off = (o * t.units + u) * t.inner;
+      for (int64_t b = 0; b < t.inner; b += kCpuChunk)
+        acc = combine(K, acc, reduce_chunk<K, ISA>(x + off + b, std::min(kCpuChunk, t.inner - b), p));
+    }
+  });
+  return acc;
+}
+
+// AGC over units [b, e) of the list (units numbered tensor after tensor: unit_base[t] is tensor t's first): both
+// norms of a unit, its coefficient (agc_coef, in the gradient's accumulation type), and, where that is not 1, the
+// unit's gradient scaled, while it is still in this core's caches.
+template <NormKind K, class ISA>
+GC_INLINE void agc_kind_body(const std::vector<AgcTensor>& ts, const std::vector<int64_t>& unit_base, int64_t b,
+                             int64_t e, double p, double clip_factor, double eps) {
+  size_t t = std::upper_bound(unit_base.begin(), unit_base.end(), b) - unit_base.begin() - 1;
+  for (int64_t k = b; k < e; ++k) {
+    while (k >= unit_base[t + 1]) ++t;
+    const AgcTensor& tt = ts[t];
+    const int64_t u = k - unit_base[t];
+    const double pn = finalize(K, unit_partial<K, ISA>(tt.param, tt.pdt, tt, u, p), p);
+    const double gn = finalize(K, unit_partial<K, ISA>(tt.grad, tt.gdt, tt, u, p), p);
+    typed(tt.grad, tt.gdt, [&](auto* x) __attribute__((always_inline)) {
+      using A = typename Acc<std::remove_pointer_t<decltype(x)>>::type;
+      const A c = agc_coef<A>(static_cast<A>(pn), static_cast<A>(gn), clip_factor, eps);
+      if (c == A(1)) return;
+      for (int64_t o = 0; o < tt.outer; ++o)
+        map_chunk<ISA>(x + (o * tt.units + u) * tt.inner, tt.inner,
+                       [c](A v) __attribute__((always_inline)) { return v * c; });
+    });
+  }
+}
+
+template <class ISA>
+GC_INLINE void agc_body(const std::vector<AgcTensor>& ts, const std::vector<int64_t>& unit_base, int64_t b, int64_t e,
+                        double p, double clip_factor, double eps) {
+  switch (norm_kind(p)) {
+    case NormKind::L2: return agc_kind_body<NormKind::L2, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+    case NormKind::L1: return agc_kind_body<NormKind::L1, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+    case NormKind::Inf: return agc_kind_body<NormKind::Inf, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+    case NormKind::NegInf: return agc_kind_body<NormKind::NegInf, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+    case NormKind::L0: return agc_kind_body<NormKind::L0, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+    case NormKind::General: return agc_kind_body<NormKind::General, ISA>(ts, unit_base, b, e, p, clip_factor, eps);
+  }
 }
 
 template <class ISA>
@@ -207,8 +281,14 @@ GC_INLINE void clamp_body(const Plan& plan, int64_t b, int64_t e, double v) {
   ATTR void norm_##SUFFIX(const Plan& pl, int64_t b, int64_t e, NormKind k, double p, double* out) {          \
     norm_body<ISA>(pl, b, e, k, p, out);                                                                      \
   }                                                                                                           \
-  ATTR void scale_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double c) { scale_body<ISA>(pl, b, e, c); } \
-  ATTR void clamp_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double v) { clamp_body<ISA>(pl, b, e, v); }
+  ATTR void scale_##SUFFIX(const Plan& pl, int64_t b, int64_t e, const double* c, bool per) {                 \
+    scale_body<ISA>(pl, b, e, c, per);                                                                        \
+  }                                                                                                           \
+  ATTR void clamp_##SUFFIX(const Plan& pl, int64_t b, int64_t e, double v) { clamp_body<ISA>(pl, b, e, v); }  \
+  ATTR void agc_##SUFFIX(const std::vector<AgcTensor>& ts, const std::vector<int64_t>& ub, int64_t b, int64_t e, \
+                         double p, double f, double eps) {                                                    \
+    agc_body<ISA>(ts, ub, b, e, p, f, eps);                                                                   \
+  }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 GC_DEFINE_PASSES(avx2, GC_AVX2, Avx2)
@@ -222,6 +302,7 @@ const bool kHaveAvx2 = false;
 #define norm_avx2 norm_base
 #define scale_avx2 scale_base
 #define clamp_avx2 clamp_base
+#define agc_avx2 agc_base
 #endif
 GC_DEFINE_PASSES(base, , Base)
 
@@ -261,13 +342,26 @@ NormResult compute_norm(const Plan& plan, double p, bool per_tensor) {
   return r;
 }
 
-// Scales every tensor by coef; writes nothing (and returns false) when coef is 1.
-bool apply_scale(Plan& plan, double coef) {
-  if (coef == 1.0) return false;
+// Scales every tensor by its coefficient (coefs: one for all, or one per tensor); writes nothing (and returns
+// false) when every coefficient is 1.
+bool apply_scale(Plan& plan, const std::vector<double>& coefs) {
+  if (std::all_of(coefs.begin(), coefs.end(), [](double c) { return c == 1.0; })) return false;
   drop_repeated_tensors(plan);
-  over_chunks(plan, [&](int64_t b, int64_t e) { (kHaveAvx2 ? scale_avx2 : scale_base)(plan, b, e, coef); });
+  const bool per = coefs.size() > 1;
+  over_chunks(plan, [&](int64_t b, int64_t e) {
+    (kHaveAvx2 ? scale_avx2 : scale_base)(plan, b, e, coefs.data(), per);
+  });
   finish_writes(plan);
   return true;
+}
+
+// The values of a total or coefficient tensor (one, or one per tensor of xs), as doubles: the CPU kernels read them
+// on the host (they are CPU tensors: no device sync).
+std::vector<double> host_values(at::TensorList xs, const at::Tensor& v, const char* what) {
+  TORCH_CHECK(v.numel() == 1 || v.numel() == static_cast<int64_t>(xs.size()), "gradclip_cuda: ", what,
+              " must hold one value or one per tensor (", xs.size(), "), got ", v.numel());
+  const at::Tensor d = v.to(at::kDouble).contiguous();
+  return std::vector<double>(d.data_ptr<double>(), d.data_ptr<double>() + d.numel());
 }
 
 at::Tensor scalar_of(double v, at::ScalarType dtype) {
@@ -288,17 +382,24 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, doub
   return {scalar_of(r.total, out), each.to(out)};
 }
 
-void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm) {
-  TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
+void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {
+  std::vector<double> coefs = host_values(xs, total, "total_norm");
   Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
-  const double coef = coef_for(total.item<double>(), total.scalar_type() == at::kDouble, max_norm);
-  if (apply_scale(plan, coef)) bump_versions(xs);
+  const bool f64 = total.scalar_type() == at::kDouble;
+  for (double& c : coefs) c = coef_for(c, f64, max_norm, eps);
+  if (apply_scale(plan, coefs)) bump_versions(xs);
 }
 
-at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p) {
+void multi_tensor_mul_cpu(at::TensorList xs, const at::Tensor& coef) {
+  const std::vector<double> coefs = host_values(xs, coef, "coef");
+  Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
+  if (apply_scale(plan, coefs)) bump_versions(xs);
+}
+
+at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p, double eps) {
   Plan plan = make_plan(xs, kCpuChunk, {true, p, true});
   NormResult r = compute_norm(plan, p, false);
-  if (apply_scale(plan, coef_for(r.total, plan.any_f64, max_norm))) bump_versions(xs);
+  if (apply_scale(plan, {coef_for(r.total, plan.any_f64, max_norm, eps)})) bump_versions(xs);
   return scalar_of(r.total, plan.result_dtype);
 }
 
@@ -308,6 +409,43 @@ void clip_grad_value_cpu(at::TensorList xs, double clip_value) {
   over_chunks(plan, [&](int64_t b, int64_t e) { (kHaveAvx2 ? clamp_avx2 : clamp_base)(plan, b, e, clip_value); });
   finish_writes(plan);
   bump_versions(xs);
+}
+
+void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
+                            int64_t unit_axis) {
+  const AgcCheck check = check_agc(grads, params, unit_axis);
+  std::vector<AgcTensor> ts;
+  std::vector<int64_t> unit_base{0};
+  std::vector<std::pair<at::Tensor, at::Tensor>> back;  // gradients processed through contiguous copies
+  std::vector<at::Tensor> keep;                         // parameters read through contiguous copies
+  int64_t elems = 0;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    at::Tensor g = grads[i], w = params[i];
+    if (!g.is_contiguous()) {
+      back.emplace_back(g, g.contiguous());
+      g = back.back().second;
+    }
+    if (!w.is_contiguous()) {
+      keep.push_back(w.contiguous());
+      w = keep.back();
+    }
+    const UnitShape s = check.shapes[i];
+    ts.push_back({g.data_ptr(), w.data_ptr(), dtype_of(g.scalar_type()), dtype_of(w.scalar_type()), s.outer, s.units,
+                  s.inner});
+    unit_base.push_back(unit_base.back() + s.units);
+    elems += g.numel();
+  }
+  const int64_t n = unit_base.back();
+  if (n == 0) return;
+  auto body = [&](int64_t b, int64_t e) { (kHaveAvx2 ? agc_avx2 : agc_base)(ts, unit_base, b, e, p, clip_factor, eps); };
+  if (elems < kSerialElems) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, std::max<int64_t>(1, n * 8192 / elems), body);  // about 8,192 elements a task at least
+  }
+  for (auto& [original, copy] : back) original.copy_(copy);
+  bump_versions(grads);
 }
 
 }  // namespace gradclip

@@ -9,9 +9,12 @@ namespace gradclip {
 
 // Total (0-d, in the promoted dtype of xs, as torch returns it) and, when asked, the norm of each tensor.
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, double p, bool per_tensor);
-void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm);
-at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p);
+void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
+void multi_tensor_mul_cpu(at::TensorList xs, const at::Tensor& coef);
+at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p, double eps);
 void clip_grad_value_cpu(at::TensorList xs, double clip_value);
+void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
+                            int64_t unit_axis);
 
 // Which build of the inner loops runs: "avx2" (AVX2 + FMA + F16C) or "generic" (GRADCLIP_CPU_GENERIC=1 forces it).
 const char* cpu_kernel_isa();

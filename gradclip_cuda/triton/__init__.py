@@ -108,7 +108,7 @@ class _Entry:
         tensor = torch.repeat_interleave(torch.arange(n), chunks)
         begin = (torch.arange(self.n_chunks) - first[:-1][tensor]) * CHUNK
         rows = torch.stack([ptrs[tensor] + begin * size[tensor], torch.clamp(numel[tensor] - begin, max=CHUNK),
-                            dtype[tensor] | (skip[tensor].to(torch.int64) * SKIP)], 1)
+                            dtype[tensor] | (skip[tensor].to(torch.int64) * SKIP) | (tensor << 8)], 1)
         pad = torch.zeros(_even(3 * self.n_chunks) - 3 * self.n_chunks, dtype=torch.int64)
         host = torch.cat([rows.reshape(-1), pad, first])
         self.copied_on = self.copied = None
@@ -220,9 +220,11 @@ def _norm(xs, p, per_tensor, writes=False, capturing=False, key=None):
     return t, total, each, acc
 
 
-def _scale(t: _Entry, total, f64: bool, max_norm: float):
+def _scale(t: _Entry, total, f64: bool, max_norm: float, eps: float = 1e-6, per_tensor: bool = False,
+           direct: bool = False):
     if t.n_chunks:
-        wrap_triton(K.scale_kernel)[_grid(t.n_chunks)](t.rows, total, _bits(max_norm), F64=f64, ALIGNED=t.aligned,
+        wrap_triton(K.scale_kernel)[_grid(t.n_chunks)](t.rows, total, _bits(max_norm), _bits(eps), F64=f64,
+                                                       PER_TENSOR=per_tensor, DIRECT=direct, ALIGNED=t.aligned,
                                                        BLOCK=BLOCK)
 
 
@@ -301,7 +303,7 @@ def _op(name: str, fake, mutates=()):
 
         @functools.wraps(fn)
         def call(*args, **kwargs):
-            xs = args[0] if args else kwargs["xs"]
+            xs = args[0] if args else next(iter(kwargs.values()))
             if not _direct(xs):
                 return call.op(*args, **kwargs)
             out = fn(*args, **kwargs)
@@ -323,32 +325,96 @@ def multi_tensor_norm(xs: list[torch.Tensor], p: float, per_tensor: bool = False
     return total, each
 
 
+def _values(xs, v: torch.Tensor, what: str, device) -> torch.Tensor:
+    """A total or coefficient tensor (one value, or one per tensor) on the device, flat, in a dtype the kernels
+    read."""
+    _ops.check_coefficients(xs, v, what)
+    v = v.to(device).reshape(-1)
+    return v if v.dtype in _CODES else v.double()
+
+
 @_op("multi_tensor_scale_", _ops.FAKES["multi_tensor_scale_"], mutates=("xs",))
-def multi_tensor_scale_(xs: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
-    if total.numel() != 1:
-        raise RuntimeError(f"gradclip_cuda: total_norm must hold one value, got {total.numel()}")
+def multi_tensor_scale_(xs: list[torch.Tensor], total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> None:
     device = xs[0].device
     with _guard(device):
+        total = _values(xs, total, "total_norm", device)
         capturing = _capturing(device)
         dense, back, key = _prepare(xs, None, capturing)
         t = _entry(dense, writes=True, capturing=capturing, key=key)
-        total = total.to(device)
-        if total.dtype not in _CODES:
-            total = total.double()
-        _scale(t, total, total.dtype == torch.float64, max_norm)
+        _scale(t, total, total.dtype == torch.float64, max_norm, eps, per_tensor=total.numel() > 1)
+        _write_back(back)
+
+
+@_op("multi_tensor_mul_", _ops.FAKES["multi_tensor_mul_"], mutates=("xs",))
+def multi_tensor_mul_(xs: list[torch.Tensor], coef: torch.Tensor) -> None:
+    device = xs[0].device
+    with _guard(device):
+        coef = _values(xs, coef, "coef", device)
+        capturing = _capturing(device)
+        dense, back, key = _prepare(xs, None, capturing)
+        t = _entry(dense, writes=True, capturing=capturing, key=key)
+        _scale(t, coef, False, 1.0, per_tensor=coef.numel() > 1, direct=True)
         _write_back(back)
 
 
 @_op("clip_grad_norm_", _ops.FAKES["clip_grad_norm_"], mutates=("xs",))
-def clip_grad_norm_(xs: list[torch.Tensor], max_norm: float, p: float) -> torch.Tensor:
+def clip_grad_norm_(xs: list[torch.Tensor], max_norm: float, p: float, eps: float = 1e-6) -> torch.Tensor:
     device = xs[0].device
     with _guard(device):
         capturing = _capturing(device)
         dense, back, key = _prepare(xs, p, capturing)
         t, total, _, acc = _norm(dense, p, False, writes=True, capturing=capturing, key=key)
-        _scale(t, acc, t.result_dtype == torch.float64, max_norm)
+        _scale(t, acc, t.result_dtype == torch.float64, max_norm, eps)
         _write_back(back)
     return total
+
+
+_agc_tables: collections.OrderedDict = collections.OrderedDict()  # key -> (tensors, unit_tensor, n_units)
+
+
+def _agc_table(grads, params, unit_axis: int, device):
+    """AGC's table (kernels.agc_kernel), cached for the last CACHE_SIZE sets like the chunk tables."""
+    key = (tuple((g.data_ptr(), w.data_ptr(), tuple(g.shape), g.dtype, w.dtype) for g, w in zip(grads, params)),
+           unit_axis, device)
+    hit = _agc_tables.get(key)
+    if hit is not None:
+        _agc_tables.move_to_end(key)
+        return hit
+    if _capturing(device):
+        raise RuntimeError(CAPTURE_ERROR.format("build the AGC table of a new set of gradients"))
+    rows, counts, base = [], [], 0
+    for g, w in zip(grads, params):
+        outer, units, inner = _ops.unit_shape(tuple(g.shape), unit_axis)
+        rows.append([g.data_ptr(), w.data_ptr(), outer, units, inner, _CODES[g.dtype] | (_CODES[w.dtype] << 2), base,
+                     g.element_size() | (w.element_size() << 8)])
+        counts.append(units)
+        base += units
+    tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+    unit_tensor = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
+    entry = (tensors.to(device), unit_tensor.to(device), base)
+    _agc_tables[key] = entry
+    while len(_agc_tables) > CACHE_SIZE:
+        _agc_tables.popitem(last=False)
+    return entry
+
+
+@_op("adaptive_clip_grad_", _ops.FAKES["adaptive_clip_grad_"], mutates=("grads",))
+def adaptive_clip_grad_(grads: list[torch.Tensor], params: list[torch.Tensor], clip_factor: float, eps: float, p: float,
+                        unit_axis: int = 0) -> None:
+    _ops.check_agc(grads, params, unit_axis)
+    device = grads[0].device
+    with _guard(device):
+        pairs = [(g, w) for g, w in zip(grads, params) if g.numel() > 0]
+        if not pairs:
+            return
+        gs = [g if g.is_contiguous() else g.contiguous() for g, _ in pairs]
+        ws = [w.detach() if w.is_contiguous() else w.detach().contiguous() for _, w in pairs]
+        tensors, unit_tensor, n_units = _agc_table(gs, ws, unit_axis, device)
+        wrap_triton(K.agc_kernel)[_grid(n_units)](tensors, unit_tensor, n_units, _bits(p), _bits(clip_factor),
+                                                  _bits(eps), KIND=_kind(p), BLOCK=BLOCK)
+        for (g, _), c in zip(pairs, gs):
+            if c is not g:
+                g.copy_(c)
 
 
 @_op("clip_grad_value_", _ops.FAKES["clip_grad_value_"], mutates=("xs",))

@@ -1,10 +1,12 @@
-"""The Triton kernels: per-chunk norm partials with a last-program finish (one launch), scale, clamp.
+"""The Triton kernels: per-chunk norm partials with a last-program finish (one launch), scale, clamp, and AGC.
 
 They walk a chunk table (gradclip_cuda/triton/__init__.py): one int64 row of three per chunk, holding the chunk's
 first element's address, its size, and a code (bits 0-1: dtype, 0 fp32 / 1 fp16 / 2 bf16 / 3 fp64; bit 2: skip
-writes, a gradient contained in another one of the call, _ops.write_skips). One program handles one chunk. The
-per-element arithmetic follows csrc/common/arith.h: fp32 accumulation (fp64 for fp64), NaN propagating through the
-max/min norms, and torch's coefficient clamp(max_norm / (total + 1e-6), max=1) with an IEEE division.
+writes, a gradient contained in another one of the call, _ops.write_skips; bits 8..: the tensor's index in the
+list). One program handles one chunk. The per-element arithmetic follows csrc/common/arith.h: fp32 accumulation
+(fp64 for fp64), NaN propagating through the max/min norms, and torch's coefficient
+clamp(max_norm / (total + eps), max=1) with an IEEE division. AGC (agc_kernel) walks a table of its own, one
+program per unit.
 
 Decisions:
 - A chunk is read in full tiles without a mask, then one masked tail tile. ALIGNED (constexpr, set on the host when
@@ -142,14 +144,14 @@ def _row_partial(addr, size, dt, p, ACC32: tl.constexpr, KIND: tl.constexpr, ALI
 
 
 @triton.jit
-def _coefficient(total, max_norm, F64: tl.constexpr):
+def _coefficient(total, max_norm, eps, F64: tl.constexpr):
     if F64:
         t = total.to(tl.float64)
-        c = (1.0 / (t + 1e-6)) * max_norm  # float64 division is IEEE
+        c = (1.0 / (t + eps)) * max_norm  # float64 division is IEEE
     else:
         t = total.to(tl.float32)
-        c = tl.math.div_rn(tl.zeros_like(t) + 1.0, t + 1e-6) * max_norm.to(tl.float32)  # tensors, as div_rn takes
-    return tl.where((c < 1.0) | (c != c), c, 1.0).to(tl.float64)
+        c = tl.math.div_rn(tl.zeros_like(t) + 1.0, t + eps.to(tl.float32)) * max_norm.to(tl.float32)  # tensors,
+    return tl.where((c < 1.0) | (c != c), c, 1.0).to(tl.float64)  # as div_rn takes
 
 
 @triton.jit
@@ -256,13 +258,89 @@ def norm_kernel(rows, first, n_chunks, n_tensors, partials, tensor_partials, tot
         _store_as(total_out, total, None)
 
 
-@triton.jit(do_not_specialize=["max_norm_bits"])
-def scale_kernel(rows, total, max_norm_bits, F64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    """Multiplies chunk k by the coefficient computed from the device total; writes nothing when it is 1."""
+@triton.jit(do_not_specialize=["max_norm_bits", "eps_bits"])
+def scale_kernel(rows, total, max_norm_bits, eps_bits, F64: tl.constexpr, PER_TENSOR: tl.constexpr,
+                 DIRECT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Multiplies chunk k by its tensor's coefficient: computed from the device total (one, or one per tensor:
+    PER_TENSOR, the tensor's index in bits 8.. of the row's code) or, DIRECT, read as it is; writes nothing when it
+    is 1."""
     pid = tl.program_id(0)
-    coef = _coefficient(tl.load(total), _f64(max_norm_bits), F64)
+    if PER_TENSOR:
+        idx = tl.load(rows + 3 * pid + 2) >> 8
+    else:
+        idx = 0
+    if DIRECT:
+        coef = tl.load(total + idx).to(tl.float64)
+    else:
+        coef = _coefficient(tl.load(total + idx), _f64(max_norm_bits), _f64(eps_bits), F64)
     if coef != 1.0:
         _map_row(rows, pid, coef, coef, False, ALIGNED, BLOCK)
+
+
+@triton.jit
+def _unit_partial(addr, outer, step, inner, dt, p, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    """The partial of norm kind KIND of one AGC unit: `outer` segments of `inner` elements of dtype code dt, the
+    first at byte address addr, each `step` bytes after the previous one, combined in order."""
+    if KIND == 5:
+        acc = _row_partial(addr, inner, dt, p, tl.float64, KIND, False, BLOCK)
+    else:
+        acc = _row_partial(addr, inner, dt, p, tl.float32, KIND, False, BLOCK)
+    for o in range(1, outer):
+        if KIND == 5:
+            part = _row_partial(addr + o * step, inner, dt, p, tl.float64, KIND, False, BLOCK)
+        else:
+            part = _row_partial(addr + o * step, inner, dt, p, tl.float32, KIND, False, BLOCK)
+        acc = _combine(acc, part, KIND)
+    return _finalize(acc, p, KIND)
+
+
+@triton.jit(do_not_specialize=["n_units", "p_bits", "factor_bits", "eps_bits"])
+def agc_kernel(tensors, unit_tensor, n_units, p_bits, factor_bits, eps_bits, KIND: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """AGC, program k for unit k of the list (unit_tensor[k]: its tensor). tensors: int64 rows of 8 per tensor:
+    grad address, param address, outer, units, inner, dtype codes (grad | param << 2), first unit, element sizes
+    (grad | param << 8). Both norms of the unit, then its coefficient (gradient's accumulation type), then the scale
+    of the gradient unit where that is not 1."""
+    pid = tl.program_id(0)
+    if pid < n_units:
+        t = tl.load(unit_tensor + pid)
+        row = tensors + 8 * t
+        gaddr = tl.load(row)
+        paddr = tl.load(row + 1)
+        outer = tl.load(row + 2)
+        units = tl.load(row + 3)
+        inner = tl.load(row + 4)
+        codes = tl.load(row + 5)
+        u = pid - tl.load(row + 6)
+        sizes = tl.load(row + 7)
+        gsize = sizes & 255
+        psize = sizes >> 8
+        gdt = codes & 3
+        pdt = (codes >> 2) & 3
+        p = _f64(p_bits)
+        pn = _unit_partial(paddr + u * inner * psize, outer, units * inner * psize, inner, pdt, p, KIND, BLOCK)
+        gn = _unit_partial(gaddr + u * inner * gsize, outer, units * inner * gsize, inner, gdt, p, KIND, BLOCK)
+        factor = _f64(factor_bits)
+        eps = _f64(eps_bits)
+        if gdt == 3:
+            limit = tl.where(pn < eps, eps, pn) * factor
+            coef = tl.where(gn < limit, 1.0, limit / tl.where(gn < 1e-6, 1e-6, gn))
+        else:
+            e32 = eps.to(tl.float32)
+            limit = tl.where(pn.to(tl.float32) < e32, e32, pn.to(tl.float32)) * factor.to(tl.float32)
+            g32 = gn.to(tl.float32)
+            coef = tl.where(g32 < limit, 1.0, tl.math.div_rn(limit, tl.where(g32 < 1e-6, 1e-6, g32))).to(tl.float64)
+        if coef != 1.0:
+            for o in range(0, outer):
+                addr = gaddr + (o * units + u) * inner * gsize
+                if gdt == 0:
+                    _map_chunk(addr, inner, coef, coef, tl.float32, tl.float32, False, False, BLOCK)
+                elif gdt == 1:
+                    _map_chunk(addr, inner, coef, coef, tl.float16, tl.float32, False, False, BLOCK)
+                elif gdt == 2:
+                    _map_chunk(addr, inner, coef, coef, tl.bfloat16, tl.float32, False, False, BLOCK)
+                else:
+                    _map_chunk(addr, inner, coef, coef, tl.float64, tl.float64, False, False, BLOCK)
 
 
 @triton.jit(do_not_specialize=["v_bits"])
