@@ -467,9 +467,14 @@ def main(argv=None):
     ap.add_argument("--no-save", action="store_true", help="print only")
     ap.add_argument("--step", action="store_true",
                     help="time the whole post-backward step instead (unscale, clip, fused AdamW): bench/step.py")
+    ap.add_argument("--policies", action="store_true",
+                    help="time the clipping policies (AGC, per-tensor, AutoClip, ZClip) against the recipes people "
+                         "run: bench/policies.py")
     args = ap.parse_args(argv)
     if args.step:
         return _main_step(args)
+    if args.policies:
+        return _main_step(args, "policies")
     names = args.sets or (["gpt2-124m-fp32", "5000x256-fp32", "resnet50-fp32"] if args.quick else list(gsets.SETS))
     repeats = args.repeats or (5 if args.quick else 9)
     providers = args.providers or default_providers(args.device, args.quick, args.compile)
@@ -501,20 +506,22 @@ def main(argv=None):
     return rows
 
 
-def _main_step(args):
-    from bench import step
-    names = args.sets or list(step.SETS)
-    unknown = [n for n in names if n not in step.SETS]
+def _main_step(args, what="step"):
+    """--step (bench/step.py) and --policies (bench/policies.py): their own rows, tables and files."""
+    import importlib
+    mod = importlib.import_module(f"bench.{what}")
+    names = args.sets or list(mod.SETS)
+    unknown = [n for n in names if n not in mod.SETS]
     if unknown:
-        raise SystemExit(f"--step runs the sets {list(step.SETS)}, not {unknown}")
-    rows = step.run(names, args.device, args.repeats or 7, args.scale, lambda fn: _time_once(args.device, fn),
-                    lambda: _sync(args.device))
+        raise SystemExit(f"--{what} runs the sets {list(mod.SETS)}, not {unknown}")
+    rows = mod.run(names, args.device, args.repeats or 7, args.scale, lambda fn: _time_once(args.device, fn),
+                   lambda: _sync(args.device))
     stamp = _stamp(args.device)
-    md = step.markdown(rows, stamp)
+    md = mod.markdown(rows, stamp)
     print(md)
     if not args.no_save:
         os.makedirs(args.out, exist_ok=True)
-        base = os.path.join(args.out, f"{args.device}-step-{stamp['date']}")
+        base = os.path.join(args.out, f"{args.device}-{what}-{stamp['date']}")
         with open(base + ".json", "w") as f:
             json.dump({"stamp": stamp, "rows": rows}, f, indent=1)
         with open(base + ".md", "w") as f:

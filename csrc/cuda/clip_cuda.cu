@@ -12,6 +12,7 @@
 // vs two-launch: the same tensors give bitwise the same norm.
 #include "cuda/clip_cuda.h"
 
+#include "cuda/device.cuh"
 #include "common/launch.h"
 #include "common/plan.h"
 #include "common/policy.h"
@@ -39,10 +40,6 @@
 namespace gradclip {
 namespace {
 
-constexpr int kThreads = kCudaThreads;
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = kCudaUnroll;  // 16-byte loads in flight per thread
-
 // Occupancy (__launch_bounds__ minimum blocks per SM), decided from `cuobjdump -res-usage` and the SASS of the sm_80
 // and sm_90 builds (2026-11-29, nvcc 13.0). Before packs, the norm kernels of p = 2, 1, 0 took 42 registers (2 blocks
 // of 512 per SM), and a minimum of 3 (40 registers) cost them no spill. With packs (a warp path beside the block
@@ -59,93 +56,6 @@ constexpr int kMapMinBlocks = 2;
 // cudaMemsetAsync on the call's stream (a memset node when captured into a graph) and advanced with atomicInc wrapping
 // at gridDim.x - 1: the last block of a launch reads gridDim.x - 1 and leaves 0, ready for the call's next launch.
 // No two calls, streams or graphs ever share one (a static array of slots would, once they outnumber it).
-
-// ---- device helpers ----
-
-template <typename T>
-__device__ __forceinline__ typename Acc<T>::type widen(T v) {
-  return static_cast<typename Acc<T>::type>(v);
-}
-
-template <typename T>
-constexpr int kVec = 16 / int(sizeof(T));
-
-static_assert(kWarps == kPackTensors, "a pack has a warp per member");
-
-// Combines v over a warp (a butterfly: a fixed order); every lane gets the result.
-template <typename A>
-__device__ __forceinline__ A warp_combine(NormKind k, A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Combines v over the block; every thread gets the result. smem: kWarps doubles.
-template <typename A>
-__device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_combine(k, v);
-  if (lane == 0) smem[warp] = static_cast<double>(v);
-  __syncthreads();
-  v = lane < kWarps ? static_cast<A>(smem[lane]) : identity<A>(k);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
-  __syncthreads();
-  return v;
-}
-
-// Visits x[0..n) with `threads` threads (the block's, or a warp's for a pack member; this one is `tid`): a scalar
-// head up to 16-byte alignment and a scalar tail go through elem(T&), the 16-byte vectors between them through
-// vec(uint4&), kUnroll loads in flight per thread. kWrite: what the visitors change is stored back.
-// The index arithmetic (which thread visits which element or vector) is visit_parts (common/launch.h), swept on
-// the host by the CPU tests for every misalignment of every element size.
-template <bool kWrite, typename T, typename Elem, typename Vec>
-__device__ __forceinline__ void visit_chunk(T* x, int64_t n, int tid, int threads, Elem elem, Vec vec) {
-  const ChunkParts c = chunk_parts(reinterpret_cast<uintptr_t>(x), n, int(sizeof(T)));
-  uint4* v = reinterpret_cast<uint4*>(x + c.head);
-  auto scalar = [&](int64_t j) {
-    T e = x[j];
-    elem(e);
-    if (kWrite) x[j] = e;
-  };
-  auto group = [&](int64_t i) {
-    uint4 r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = v[i + u * threads];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      vec(r[u]);
-      if (kWrite) v[i + u * threads] = r[u];
-    }
-  };
-  auto one = [&](int64_t i) {
-    uint4 r = v[i];
-    vec(r);
-    if (kWrite) v[i] = r;
-  };
-  visit_parts<kUnroll>(c, tid, threads, scalar, group, one);
-}
-
-// g(T&) applied to each of the V elements packed in a 16-byte vector.
-template <typename T, typename G>
-__device__ __forceinline__ void each_in_vec(uint4& r, G g) {
-  T e[kVec<T>];
-  memcpy(e, &r, 16);
-#pragma unroll
-  for (int j = 0; j < kVec<T>; ++j) g(e[j]);
-  memcpy(&r, e, 16);
-}
-
-// This thread's share of one chunk's partial.
-template <NormKind K, typename T>
-__device__ __forceinline__ typename Acc<T>::type thread_partial(const T* x, int64_t n, typename Acc<T>::type p,
-                                                                int tid, int threads) {
-  using A = typename Acc<T>::type;
-  A acc = identity<A>(K);
-  auto one = [&](T& e) { acc = accumulate<K>(acc, widen(e), p); };
-  visit_chunk<false>(const_cast<T*>(x), n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
-  return acc;
-}
 
 // One chunk's partial, reduced by the whole block (kBlock: every thread gets it) or by one warp (a pack member:
 // every lane gets it). Both are fixed orders: a chunk's partial depends on the chunk alone.
@@ -198,13 +108,6 @@ __device__ double work_partial(const Slot* slots, int32_t n_tensors, int32_t k, 
   return acc;
 }
 
-// x[i] = f(x[i]) over one chunk with `threads` threads (this one `tid`), in the accumulation type, 16 bytes at a time.
-template <typename T, typename F>
-__device__ __forceinline__ void map_chunk_t(T* x, int64_t n, int tid, int threads, F f) {
-  auto one = [&](T& e) { e = T(f(widen(e))); };
-  visit_chunk<true>(x, n, tid, threads, one, [&](uint4& r) { each_in_vec<T>(r, one); });
-}
-
 __device__ __forceinline__ void scale_chunk(const ChunkRef& c, double coef, int tid, int threads) {
   const float m = static_cast<float>(coef);
   auto f = [m](float v) { return v * m; };
@@ -230,18 +133,19 @@ __device__ __forceinline__ void clamp_chunk(const ChunkRef& c, double v, int tid
   }
 }
 
-// Applies f(chunk, tid, threads) to what this thread takes of chunk k of a launch: with the whole block, a larger
-// tensor's chunk; with its warp, one member of a pack. Tensors flagged skip_writes are left alone.
+// Applies f(chunk, slot, tid, threads) to what this thread takes of chunk k of a launch: with the whole block, a
+// larger tensor's chunk; with its warp, one member of a pack (slot: the tensor's slot in the launch's table). Tensors
+// flagged skip_writes are left alone.
 template <typename F>
 __device__ __forceinline__ void for_work(const Slot* slots, int32_t n_tensors, int32_t k, F f) {
   const int32_t owner = chunk_owner(slots, n_tensors, k);
   if (!slot_small(slots[owner], kCudaChunk)) {
     const ChunkRef c = owner_chunk(slots[owner], k, kCudaChunk);
-    if (!c.skip_writes) f(c, int(threadIdx.x), kThreads);
+    if (!c.skip_writes) f(c, owner, int(threadIdx.x), kThreads);
     return;
   }
   const int32_t s = pack_member(slots, owner, k, int(threadIdx.x >> 5), kCudaChunk);
-  if (s >= 0 && !slot_skip_writes(slots[s])) f(slot_chunk(slots[s]), int(threadIdx.x & 31), 32);
+  if (s >= 0 && !slot_skip_writes(slots[s])) f(slot_chunk(slots[s]), s, int(threadIdx.x & 31), 32);
 }
 
 __device__ __forceinline__ void store_as(void* out, DType dt, int64_t i, double v) {
@@ -253,12 +157,12 @@ __device__ __forceinline__ void store_as(void* out, DType dt, int64_t i, double 
   }
 }
 
-__device__ __forceinline__ double load_as(const void* in, DType dt) {
+__device__ __forceinline__ double load_as(const void* in, DType dt, int64_t i = 0) {
   switch (dt) {
-    case DType::F32: return *static_cast<const float*>(in);
-    case DType::F16: return static_cast<float>(*static_cast<const c10::Half*>(in));
-    case DType::BF16: return static_cast<float>(*static_cast<const c10::BFloat16*>(in));
-    default: return *static_cast<const double*>(in);
+    case DType::F32: return static_cast<const float*>(in)[i];
+    case DType::F16: return static_cast<float>(static_cast<const c10::Half*>(in)[i]);
+    case DType::BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(in)[i]);
+    default: return static_cast<const double*>(in)[i];
   }
 }
 
@@ -279,10 +183,13 @@ struct NormArgs {
 };
 
 struct CoefArgs {
-  const void* total;  // 0-d, total_dtype
+  const void* total;  // one value, or one per tensor of the plan (per_tensor), total_dtype
   double max_norm;
+  double eps;
   DType total_dtype;
   bool f64;           // the coefficient in double (else float)
+  bool per_tensor;    // tensor i of the plan takes total[i]
+  bool direct;        // total holds the coefficients themselves (multi_tensor_mul_)
 };
 
 // Every kernel's parameters (its table and its other arguments, as the kernels below take them) fit what the driver
@@ -291,13 +198,15 @@ struct CoefArgs {
 template <int N>
 constexpr bool params_fit(size_t limit) {
   return param_bytes<Table<N>, NormArgs>() <= limit && param_bytes<Table<N>, CoefArgs>() <= limit &&
-         param_bytes<Table<N>, double>() <= limit && param_bytes<Table<N>, NormArgs, double, bool>() <= limit;
+         param_bytes<Table<N>, double>() <= limit && param_bytes<Table<N>, NormArgs, double, double, bool>() <= limit;
 }
 static_assert(params_fit<kLargeSlots>(kMaxParamBytes), "a large-table kernel's parameters exceed 32,764 bytes");
 static_assert(params_fit<kSmallSlots>(kMaxParamBytesOldDriver), "a small-table kernel's parameters exceed 4 KB");
 
-__device__ __forceinline__ double coefficient(const CoefArgs& c) {
-  return coef_for(load_as(c.total, c.total_dtype), c.f64, c.max_norm);
+// The coefficient of the plan's tensor i (of every tensor unless per_tensor).
+__device__ __forceinline__ double coefficient(const CoefArgs& c, int64_t i) {
+  const double v = load_as(c.total, c.total_dtype, c.per_tensor ? i : 0);
+  return c.direct ? v : coef_for(v, c.f64, c.max_norm, c.eps);
 }
 
 // The total over every chunk (or, for p = 0, every tensor) of the plan, in a fixed order; every thread gets it.
@@ -372,17 +281,26 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
 template <int N>
 __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
     scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
-  const double coef = coefficient(c);
-  if (coef == 1.0) return;  // nothing to write
+  if (!c.per_tensor) {
+    const double coef = coefficient(c, 0);
+    if (coef == 1.0) return;  // nothing to write
+    for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
+             [coef](const ChunkRef& chunk, int32_t, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
+    return;
+  }
+  const int64_t base = tab.h.tensor_base;
   for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
-           [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
+           [&c, base](const ChunkRef& chunk, int32_t slot, int tid, int threads) {
+             const double coef = coefficient(c, base + slot);  // the same for every thread of the block (or warp)
+             if (coef != 1.0) scale_chunk(chunk, coef, tid, threads);
+           });
 }
 
 template <int N>
 __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
     clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
   for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
-           [v](const ChunkRef& chunk, int tid, int threads) { clamp_chunk(chunk, v, tid, threads); });
+           [v](const ChunkRef& chunk, int32_t, int tid, int threads) { clamp_chunk(chunk, v, tid, threads); });
 }
 
 // The whole clip in one cooperative launch: each block reduces chunks (packs as in norm_kernel, so the partials are
@@ -391,7 +309,8 @@ __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
 template <NormKind K, int N>
 __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
-    fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const bool f64) {
+    fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const double eps,
+                      const bool f64) {
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
   for (int32_t k = b; k < n; k += g) {
@@ -404,11 +323,11 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
     *a.total_acc = total;
     store_as(a.total_out, a.out_dtype, 0, total);
   }
-  const double coef = coef_for(total, f64, max_norm);
+  const double coef = coef_for(total, f64, max_norm, eps);
   if (coef == 1.0 || b >= n) return;
   for (int32_t k = b + (n - 1 - b) / g * g; k >= b; k -= g)
     for_work(tab.slots, tab.h.n_tensors, k,
-             [coef](const ChunkRef& chunk, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
+             [coef](const ChunkRef& chunk, int32_t, int tid, int threads) { scale_chunk(chunk, coef, tid, threads); });
 }
 
 // ---- host side ----
@@ -476,6 +395,8 @@ int blocks_per_sm(const void* fn, int dev) {
 
 // The driver's CUDA version (cudaDriverGetVersion), read once per process: below 12.1 kernel parameters are limited
 // to 4 KB, so only the small table is launched (table_capacity).
+}  // namespace
+
 int driver_version() {
   static const int v = [] {
     int d = 0;
@@ -484,6 +405,8 @@ int driver_version() {
   }();
   return v;
 }
+
+namespace {
 
 // Devices on which an eager fused launch has succeeded (bit d for device d < 64): under graph capture the fused path
 // is taken only there (take_fused).
@@ -630,7 +553,7 @@ void launch_scale(Call& c, CoefArgs coef) {
 }
 
 // The fused single launch, when take_fused says so and the grid fits the device.
-bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
+bool try_fused(Call& c, double p, double max_norm, double eps, NormOut& o) {
   const Launches& L = *c.launches;
   const NormKind k = norm_kind(p);
   const DeviceInfo& d = device_info(c.dev);
@@ -643,7 +566,7 @@ bool try_fused(Call& c, double p, double max_norm, NormOut& o) {
   if (resident <= 0) return false;
   NormArgs a = prepare_norm(c, p, false, o);
   bool f64 = c.plan.any_f64;
-  void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &f64};
+  void* args[] = {const_cast<uint64_t*>(L.tables[0].data()), &a, &max_norm, &eps, &f64};
   const int blocks = static_cast<int>(std::min<int64_t>(L.plan_chunks, resident));
   if (cudaLaunchCooperativeKernel(fn, dim3(blocks), dim3(kThreads), args, 0, c.stream) != cudaSuccess) {
     // Not co-schedulable after all (say, under MPS limits): two launches instead. Never reached under capture
@@ -667,25 +590,39 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, dou
   return {o.total, o.per_tensor};
 }
 
-void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm) {
-  TORCH_CHECK(total.numel() == 1, "gradclip_cuda: total_norm must hold one value, got ", total.numel());
-  Call c(xs, {false, 2.0, true});
-  if (c.launches->plan_chunks == 0) return;
-  at::Tensor t = total.to(xs[0].device());  // no copy when it is there already
+// A total or coefficient tensor (one value, or one per tensor) on the tensors' device, in a dtype the kernels read.
+at::Tensor device_values(at::TensorList xs, const at::Tensor& v, const char* what) {
+  TORCH_CHECK(v.numel() == 1 || v.numel() == static_cast<int64_t>(xs.size()), "gradclip_cuda: ", what,
+              " must hold one value or one per tensor (", xs.size(), "), got ", v.numel());
+  at::Tensor t = v.to(xs[0].device()).reshape({-1}).contiguous();  // no copy when it is there already
   const auto st = t.scalar_type();
   if (st != at::kFloat && st != at::kDouble && st != at::kHalf && st != at::kBFloat16) t = t.to(at::kDouble);
+  return t;
+}
+
+void scale_with(at::TensorList xs, const at::Tensor& values, double max_norm, double eps, bool direct) {
+  Call c(xs, {false, 2.0, true});
+  if (c.launches->plan_chunks == 0) return;
+  const at::Tensor t = device_values(xs, values, direct ? "coef" : "total_norm");
   const DType dt = dtype_of(t.scalar_type());
-  launch_scale(c, {t.data_ptr(), max_norm, dt, dt == DType::F64});
+  launch_scale(c, {t.data_ptr(), max_norm, eps, dt, dt == DType::F64, t.numel() > 1, direct});
   finish_writes(c.plan);
   bump_versions(xs);
 }
 
-at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p) {
+void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {
+  scale_with(xs, total, max_norm, eps, false);
+}
+
+void multi_tensor_mul_cuda(at::TensorList xs, const at::Tensor& coef) { scale_with(xs, coef, 1.0, 0.0, true); }
+
+at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p, double eps) {
   Call c(xs, {true, p, true});
   NormOut o;
-  if (!try_fused(c, p, max_norm, o)) {
+  if (!try_fused(c, p, max_norm, eps, o)) {
     o = launch_norm(c, p, false);
-    if (c.launches->plan_chunks > 0) launch_scale(c, {o.total_acc, max_norm, DType::F64, c.plan.any_f64});
+    if (c.launches->plan_chunks > 0)
+      launch_scale(c, {o.total_acc, max_norm, eps, DType::F64, c.plan.any_f64, false, false});
   }
   finish_writes(c.plan);
   bump_versions(xs);

@@ -8,9 +8,16 @@
 namespace gradclip {
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, double p, bool per_tensor);
-void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm);
-at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p);
+void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
+void multi_tensor_mul_cuda(at::TensorList xs, const at::Tensor& coef);
+at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p, double eps);
 void clip_grad_value_cuda(at::TensorList xs, double clip_value);
+// csrc/cuda/agc_cuda.cu
+void adaptive_clip_grad_cuda(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
+                             int64_t unit_axis);
+
+// The driver's CUDA version (cudaDriverGetVersion), read once per process.
+int driver_version();
 
 // What the last call on this thread did: kernel launches, memsets (the norm's ticket word), whether it took the fused
 // single launch, whether its launch tables came from the cache. For tests and the benchmark.
