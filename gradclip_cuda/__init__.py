@@ -2,6 +2,7 @@
 
     import gradclip_cuda as gc
     total = gc.clip_grad_norm_(model.parameters(), max_norm=1.0)   # same call as torch.nn.utils.clip_grad_norm_
+    clipper = gc.GradClipper("zclip")                               # stateful policies (gradclip_cuda/policies.py)
 
 See README.md. The ops live in gradclip_cuda._ops (torch.ops.gradclip_cuda.*).
 """
@@ -11,6 +12,7 @@ from . import _ops
 from ._ops import ops
 from .api import (BACKENDS, adaptive_clip_grad_, available_backends, clip_grad_norm_, clip_grad_norm_per_tensor_,
                   clip_grad_value_, clip_grads_with_norm_, get_total_norm, patch_torch)
+from .policies import POLICIES, ClipStats, GradClipper
 
 __version__ = "0.1.0"
 
@@ -43,4 +45,5 @@ def build_info() -> dict:
 
 
 __all__ = ["clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_", "patch_torch",
-           "available_backends", "build_info", "BACKENDS", "ops", "clip_grad_norm_per_tensor_", "adaptive_clip_grad_"]
+           "available_backends", "build_info", "BACKENDS", "ops", "clip_grad_norm_per_tensor_", "adaptive_clip_grad_",
+           "ClipStats", "GradClipper", "POLICIES"]
