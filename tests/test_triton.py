@@ -473,11 +473,18 @@ for kind in range(6):
                      {**NORM, "each_out": "*bf16" if per_tensor else "*fp64"},
                      {"KIND": kind, "TENSOR_VALUES": per_tensor, "PER_TENSOR": per_tensor, "ALIGNED": aligned,
                       "BLOCK": 2048, "RBLOCK": 1024, "TBLOCK": 128, "CBLOCK": 16})
+SCALE = {"rows": "*i64", "total": "*fp64", "max_norm_bits": "i64", "eps_bits": "i64", "F64": "constexpr",
+         "PER_TENSOR": "constexpr", "DIRECT": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}
 for f64 in (False, True):
     for aligned in (False, True):
-        compile_(f"scale-{f64}-{aligned}", K.scale_kernel, {"rows": "*i64", "total": "*fp64", "max_norm_bits": "i64",
-                 "F64": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"},
-                 {"F64": f64, "ALIGNED": aligned, "BLOCK": 2048})
+        for per_tensor, direct in ((False, False), (True, False), (False, True), (True, True)):
+            compile_(f"scale-{f64}-{aligned}-{per_tensor}-{direct}", K.scale_kernel,
+                     {**SCALE, "total": "*fp64" if f64 or direct else "*fp32"},
+                     {"F64": f64, "PER_TENSOR": per_tensor, "DIRECT": direct, "ALIGNED": aligned, "BLOCK": 2048})
+for kind in range(6):
+    compile_(f"agc-{kind}", K.agc_kernel, {"tensors": "*i64", "unit_tensor": "*i64", "n_units": "i32",
+             "p_bits": "i64", "factor_bits": "i64", "eps_bits": "i64", "KIND": "constexpr", "BLOCK": "constexpr"},
+             {"KIND": kind, "BLOCK": 2048})
 for aligned in (False, True):
     compile_(f"clamp-{aligned}", K.clamp_kernel, {"rows": "*i64", "v_bits": "i64", "ALIGNED": "constexpr",
              "BLOCK": "constexpr"}, {"ALIGNED": aligned, "BLOCK": 2048})
@@ -506,23 +513,32 @@ def sm90_ptx(tmp_path_factory):
 
 def test_every_triton_kernel_compiles_for_sm90(sm90_ptx):
     """What the interpreter cannot show: the kernels go through Triton's real compiler."""
-    assert len(sm90_ptx) == 12 + 2 + 4 + 2
+    assert len(sm90_ptx) == 12 + 2 + 16 + 2 + 6
 
 
 def test_aligned_variants_load_and_store_16_bytes_at_a_time(sm90_ptx):
     """Full tiles are read without a mask; with ALIGNED (set on the host when every chunk address is 16-byte
     aligned) the loads are ld.global.v4 (fp32/fp16/bf16) and ld.global.v2.b64 (fp64), the scale and clamp stores
     st.global.v4; without it they stay scalar (views at odd offsets)."""
-    for name in ("norm-0-True-True", "norm-5-True-True", "scale-False-True", "scale-True-True", "clamp-True"):
+    for name in ("norm-0-True-True", "norm-5-True-True", "scale-False-True-False-False",
+                 "scale-True-True-False-False", "scale-False-True-True-True", "clamp-True"):
         assert "ld.global.v4" in sm90_ptx[name], name
-    for name in ("scale-False-True", "clamp-True"):
+    for name in ("scale-False-True-False-False", "scale-False-True-True-False", "clamp-True"):
         assert "st.global.v4" in sm90_ptx[name], name
-    for name in ("norm-0-True-False", "norm-5-True-False", "scale-False-False", "clamp-False"):
+    for name in ("norm-0-True-False", "norm-5-True-False", "scale-False-False-False-False", "clamp-False"):
         assert "ld.global.v4" not in sm90_ptx[name] and "st.global.v4" not in sm90_ptx[name], name
 
 
 def test_general_p_uses_no_approximate_exp2_or_log2(sm90_ptx):
     """float32 exp2/log2 lower to ex2.approx.ftz / lg2.approx.ftz, which flush |x|^p under 2^-126 to zero; the
     general p-norm is computed in float64 (libdevice)."""
-    for name in ("norm-5-False-True", "norm-5-True-True", "norm-5-True-False"):
+    for name in ("norm-5-False-True", "norm-5-True-True", "norm-5-True-False", "agc-5"):
         assert "ex2.approx" not in sm90_ptx[name] and "lg2.approx" not in sm90_ptx[name], name
+
+
+def test_agc_and_scale_coefficients_divide_with_round_to_nearest(sm90_ptx):
+    """AGC's limit / max(|g|, 1e-6) and the scale kernel's 1 / (total + eps) are IEEE divisions (div.rn), never
+    the approximate division Triton emits for a plain float32 `/`."""
+    for name in ("agc-0", "agc-2", "scale-False-True-False-False", "scale-False-True-True-False"):
+        assert "div.rn.f32" in sm90_ptx[name], name
+        assert "div.full" not in sm90_ptx[name] and "div.approx" not in sm90_ptx[name], name

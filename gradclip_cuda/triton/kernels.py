@@ -294,6 +294,23 @@ def _unit_partial(addr, outer, step, inner, dt, p, KIND: tl.constexpr, BLOCK: tl
     return _finalize(acc, p, KIND)
 
 
+@triton.jit
+def _agc_coef(pn, gn, factor, eps, A: tl.constexpr):
+    """AGC's coefficient of a unit in the gradient's accumulation type A (csrc/common/arith.h, agc_coef): 1 under
+    the limit max(pn, eps) * factor, else limit / max(gn, 1e-6), an IEEE division; returned as float64."""
+    e = eps.to(A)
+    p = pn.to(A)
+    g = gn.to(A)
+    limit = tl.where(p < e, e, p) * factor.to(A)
+    tiny = tl.zeros_like(g) + 1e-6
+    den = tl.where(g < tiny, tiny, g)
+    if A == tl.float64:
+        q = limit / den  # float64 division is IEEE
+    else:
+        q = tl.math.div_rn(limit, den)
+    return tl.where(g < limit, 1.0, q).to(tl.float64)
+
+
 @triton.jit(do_not_specialize=["n_units", "p_bits", "factor_bits", "eps_bits"])
 def agc_kernel(tensors, unit_tensor, n_units, p_bits, factor_bits, eps_bits, KIND: tl.constexpr,
                BLOCK: tl.constexpr):
@@ -323,13 +340,9 @@ def agc_kernel(tensors, unit_tensor, n_units, p_bits, factor_bits, eps_bits, KIN
         factor = _f64(factor_bits)
         eps = _f64(eps_bits)
         if gdt == 3:
-            limit = tl.where(pn < eps, eps, pn) * factor
-            coef = tl.where(gn < limit, 1.0, limit / tl.where(gn < 1e-6, 1e-6, gn))
+            coef = _agc_coef(pn, gn, factor, eps, tl.float64)
         else:
-            e32 = eps.to(tl.float32)
-            limit = tl.where(pn.to(tl.float32) < e32, e32, pn.to(tl.float32)) * factor.to(tl.float32)
-            g32 = gn.to(tl.float32)
-            coef = tl.where(g32 < limit, 1.0, tl.math.div_rn(limit, tl.where(g32 < 1e-6, 1e-6, g32))).to(tl.float64)
+            coef = _agc_coef(pn, gn, factor, eps, tl.float32)
         if coef != 1.0:
             for o in range(0, outer):
                 addr = gaddr + (o * units + u) * inner * gsize
