@@ -371,3 +371,72 @@ def test_auto_backend_takes_the_cuda_kernels(fused_on, monkeypatch):
     assert "cuda" in gc.available_backends()
     with pytest.raises(ValueError, match="backend='cuda' takes CUDA tensors"):
         gc.clip_grad_norm_(make_grads([(3,)], [torch.float32]), 1.0, backend="cuda")
+
+
+# ---- clipping policies on the GPU: launches, syncs, graphs ----
+
+def test_policy_ops_launch_once_and_never_sync():
+    params = make_grads([(300,), (64, 70), (5,)] * 40, [torch.float32, torch.bfloat16], "cuda", seed=21)
+    for q in params:
+        q.data = torch.randn_like(q.grad)
+    grads = [q.grad for q in params]
+    coefs = torch.rand(len(grads), device="cuda")
+    calls = {
+        "mul": lambda: gc.ops.multi_tensor_mul_(grads, coefs),
+        "per-tensor scale": lambda: gc.ops.multi_tensor_scale_(grads, coefs * 100, 1.0, 0.0),
+        "agc": lambda: gc.ops.adaptive_clip_grad_(grads, [q.detach() for q in params], 0.01, 1e-3, 2.0, 0),
+    }
+    for name, fn in calls.items():
+        fn()
+        kernels, memsets = _device_ops(fn)
+        assert len(kernels) == 1 and not memsets, (name, kernels, memsets)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for fn in calls.values():
+            fn()
+        gc.clip_grad_norm_per_tensor_(params, 1.0)
+        gc.adaptive_clip_grad_(params)
+        gc.clip_grad_norm_(params, 1.0, eps=0.0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def test_agc_over_more_tensors_than_one_table_matches_the_cpu():
+    params = make_grads([(i % 9 + 1, 33) for i in range(1_300)], [torch.float32, torch.float16], "cuda", seed=22,
+                        scale=20.0)
+    for q in params:
+        q.data = torch.randn_like(q.grad)
+    cpu = [(q.grad.cpu(), q.detach().cpu()) for q in params]
+    gc.adaptive_clip_grad_(params)
+    gc.ops.adaptive_clip_grad_([g for g, _ in cpu], [w for _, w in cpu], 0.01, 1e-3, 2.0, 0)
+    for q, (g, _) in zip(params, cpu):
+        torch.testing.assert_close(q.grad.cpu(), g, rtol=2 * RTOL[q.grad.dtype], atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "autoclip", "zclip"])
+def test_grad_clipper_step_captures_in_a_cuda_graph(policy):
+    from gradclip_cuda import GradClipper
+    params = make_grads([(1000,), (300, 7)], [torch.float32], "cuda", seed=23)
+    clipper = GradClipper(policy, max_norm=5.0, warmup_steps=2, history=8)
+    eager = GradClipper(policy, max_norm=5.0, warmup_steps=2, history=8)
+    twins = clone_params(params)
+    clipper(params)  # eager: the state moves to the device, tables are built
+    eager(twins)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        total = clipper(params)
+    torch.cuda.current_stream().wait_stream(stream)
+    for seed in (24, 25, 26, 27):
+        fresh = make_grads([(1000,), (300, 7)], [torch.float32], "cuda", seed=seed, scale=1.0 + seed % 3)
+        for q, t, f in zip(params, twins, fresh):
+            q.grad.copy_(f.grad)
+            t.grad.copy_(f.grad)
+        graph.replay()
+        expected = eager(twins)
+        torch.cuda.synchronize()
+        assert torch.equal(total, expected), policy
+        assert torch.equal(clipper.threshold, eager.threshold), policy
+        for q, t in zip(params, twins):
+            assert torch.equal(q.grad, t.grad), policy
