@@ -38,6 +38,7 @@ void register_kernels() {
   g_cpu_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cpu));
   g_cpu_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cpu));
   g_cpu_lib->impl("adaptive_clip_grad_", TORCH_FN(adaptive_clip_grad_cpu));
+  g_cpu_lib->impl("clip_policy_step_", TORCH_FN(clip_policy_step_cpu));
 #ifdef GRADCLIP_WITH_CUDA
   g_cuda_lib = std::make_unique<torch::Library>(torch::Library::IMPL, "gradclip_cuda", c10::DispatchKey::CUDA,
                                                 __FILE__, __LINE__);
@@ -47,6 +48,7 @@ void register_kernels() {
   g_cuda_lib->impl("clip_grad_norm_", TORCH_FN(clip_grad_norm_cuda));
   g_cuda_lib->impl("clip_grad_value_", TORCH_FN(clip_grad_value_cuda));
   g_cuda_lib->impl("adaptive_clip_grad_", TORCH_FN(adaptive_clip_grad_cuda));
+  g_cuda_lib->impl("clip_policy_step_", TORCH_FN(clip_policy_step_cuda));
 #endif
 }
 
@@ -88,6 +90,22 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
   return compiled_device && t.device() == device && t.layout() == at::kStrided &&
          (st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble) &&
          !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has_any(c10::python_ks);
+}
+
+// The device of `seq` (a list or tuple of tensors) when every tensor is one the compiled kernels take as it is
+// (plain_tensor: a CPU or CUDA tensor, strided, float32/float16/bfloat16/float64, not a subclass), all on one device;
+// else None. Lets the Python layer skip its per-tensor checks and device grouping for such a list.
+py::object plain_device(py::handle seq) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  c10::Device device(c10::DeviceType::Meta);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) return py::none();
+    if (!plain_tensor(THPVariable_Unpack(items[i]), device)) return py::none();
+  }
+  if (n == 0) return py::none();
+  return py::cast(device);
 }
 
 // The hot path of the drop-in API, with no Python loop over the tensors: `seq` is a list or tuple of parameters
@@ -254,6 +272,8 @@ py::dict last_cuda_call_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &gradclip::build_info, "torch and CUDA versions this library was built against");
   m.def("register_kernels", &gradclip::register_kernels, "register the compiled kernels with the dispatcher");
+  m.def("plain_device", &gradclip::plain_device, py::arg("seq"),
+        "the one device of a list of tensors the compiled kernels take as they are, else None");
   m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),
         py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none(), py::arg("eps") = 1e-6);
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),

@@ -45,6 +45,7 @@ SCHEMAS = {
     "clip_grad_value_": "(Tensor(a!)[] xs, float clip_value) -> ()",
     "adaptive_clip_grad_": "(Tensor(a!)[] grads, Tensor[] params, float clip_factor, float eps, float p, "
                            "int unit_axis=0) -> ()",
+    "clip_policy_step_": "(Tensor(a!) state, Tensor total, int policy, float[] args) -> Tensor",
 }
 
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -346,9 +347,94 @@ def agc_torch_(grads, params, clip_factor: float, eps: float, p: float, unit_axi
         g.copy_(scaled.reshape(g.shape))
 
 
+POLICY_ARGS = ("max_norm", "eps", "q", "cap", "alpha", "z_thresh", "clip_factor", "size", "percentile_mode",
+               "mean_option", "skip_on_spike")  # csrc/common/rules.h, PolicyArgs
+STEPS, COUNT, THRESHOLD, MEAN, VAR, DATA = range(6)  # the state layout (csrc/common/rules.h)
+
+
+def policy_state_size(policy: int, size: int) -> int:
+    return DATA + (2 * size if policy == 1 else size if policy == 2 else 0)
+
+
+def policy_step_torch(state: torch.Tensor, total: torch.Tensor, policy: int, args) -> torch.Tensor:
+    """clip_policy_step_ with torch ops on small tensors (no host read): the rules of csrc/common/rules.h."""
+    a = dict(zip(POLICY_ARGS, args))
+    if len(args) != len(POLICY_ARGS) or policy not in (0, 1, 2):
+        raise RuntimeError(f"gradclip_cuda: clip_policy_step_ takes policy 0, 1 or 2 and {len(POLICY_ARGS)} arguments")
+    size = int(a["size"])
+    if state.dtype != torch.float64 or state.dim() != 1 or state.numel() != policy_state_size(policy, size):
+        raise RuntimeError("gradclip_cuda: a clipping policy's state is a contiguous float64 vector of "
+                           f"{policy_state_size(policy, size)} values")
+    g = total.detach().to(device=state.device, dtype=torch.float64).reshape(())
+    state[STEPS].add_(1)
+    if policy == 0:
+        threshold = state[THRESHOLD].fill_(a["max_norm"])
+    else:
+        t = _autoclip_torch(state, g, a, size) if policy == 1 else _zclip_torch(state, g, a, size)
+        state[THRESHOLD].copy_(torch.clamp(t, max=a["cap"]))
+        threshold = state[THRESHOLD]
+    acc = torch.float64 if total.dtype == torch.float64 else torch.float32
+    thr = threshold.to(acc)
+    coef = torch.clamp(torch.reciprocal(g.to(acc) + a["eps"]) * thr, max=1.0)
+    return torch.where(torch.isposinf(thr), torch.ones_like(coef), coef)
+
+
+def _autoclip_torch(state, g, a, size):
+    ring, ordered = state[DATA:DATA + size], state[DATA + size:]
+    finite = torch.isfinite(g)
+    count = state[COUNT]
+    pos = torch.remainder(count, size).to(torch.int64).reshape(1)
+    ring.index_copy_(0, pos, torch.where(finite, g, ring.index_select(0, pos)))
+    # NaN marks the unfilled slots: the sorted copy is the filled part, then NaN (torch.sort puts NaN last)
+    unfilled = torch.arange(size, device=state.device) >= torch.clamp(count + finite.to(torch.float64), max=size)
+    filled = ring.masked_fill(unfilled, math.nan)
+    ordered.copy_(torch.sort(filled).values)
+    count.add_(finite.to(torch.float64))
+    value = torch.nanquantile(filled, a["q"])
+    return torch.nan_to_num(value, nan=math.inf)  # an empty history (NaN): no clipping
+
+
+def _zclip_torch(state, g, a, w):
+    buffer = state[DATA:DATA + w]
+    count, mean, var = state[COUNT], state[MEAN], state[VAR]
+    alpha, zt = a["alpha"], a["z_thresh"]
+    finite = torch.isfinite(g)
+    warm = count < w
+    std = torch.sqrt(var)
+    if not a["percentile_mode"]:
+        z = (g - mean) / (std + a["eps"])
+        spike = z > zt
+        spike_threshold = mean.clone() if a["mean_option"] else (mean + (zt * std) / (z / zt)) * a["clip_factor"]
+    else:
+        spike_threshold = mean + zt * std
+        spike = g > spike_threshold
+    spike = spike & ~warm
+    threshold = torch.where(spike, spike_threshold, math.inf)
+    value = torch.where(spike, spike_threshold, g)
+    new_mean = alpha * mean + (1 - alpha) * value
+    new_var = alpha * var + (1 - alpha) * (value - new_mean) * (value - new_mean)
+    update = finite & ~warm
+    if a["skip_on_spike"]:
+        update = update & ~spike
+    take = warm & finite
+    slots = torch.arange(w, device=state.device)
+    filled = torch.where((slots == count) & take, g, buffer)
+    start = take & (count + 1 == w)
+    first_mean = filled.sum() / w
+    first_var = ((filled - first_mean) * (filled - first_mean)).sum() / w
+    buffer.copy_(filled)
+    mean_out = torch.where(start, first_mean, torch.where(update, new_mean, mean))
+    var_out = torch.where(start, first_var, torch.where(update, new_var, var))
+    mean.copy_(mean_out)
+    var.copy_(var_out)
+    count.add_(take.to(torch.float64))
+    return threshold
+
+
 for _name, _fn in (("multi_tensor_norm", norm_torch), ("multi_tensor_scale_", scale_torch_),
                    ("multi_tensor_mul_", mul_torch_), ("clip_grad_norm_", clip_torch_),
-                   ("clip_grad_value_", value_torch_), ("adaptive_clip_grad_", agc_torch_)):
+                   ("clip_grad_value_", value_torch_), ("adaptive_clip_grad_", agc_torch_),
+                   ("clip_policy_step_", policy_step_torch)):
     _lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
@@ -385,8 +471,14 @@ def _agc_fake(grads, params, clip_factor, eps, p, unit_axis=0):
     return None
 
 
+@torch.library.register_fake(f"{NAMESPACE}::clip_policy_step_")
+def _policy_fake(state, total, policy, args):
+    return state.new_empty((), dtype=torch.float64 if total.dtype == torch.float64 else torch.float32)
+
+
 FAKES = {"multi_tensor_norm": _norm_fake, "multi_tensor_scale_": _scale_fake, "multi_tensor_mul_": _mul_fake,
-         "clip_grad_norm_": _clip_fake, "clip_grad_value_": _value_fake, "adaptive_clip_grad_": _agc_fake}
+         "clip_grad_norm_": _clip_fake, "clip_grad_value_": _value_fake, "adaptive_clip_grad_": _agc_fake,
+         "clip_policy_step_": _policy_fake}
 
 
 # ---- the compiled library ----

@@ -157,6 +157,12 @@ def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bo
     device without foreach support, on backend='cpu' or 'cuda' for another device, and, for an in-place pass
     (``writes``), on any gradient of the whole call that the pass cannot write (_ops.check_writable) and on
     gradients that share memory partly."""
+    device = _ops.C.plain_device(tensors) if (_ops.C is not None and isinstance(tensors, (list, tuple))
+                                             and not torch.compiler.is_compiling()) else None
+    if device is not None:  # one device, dense dtypes the kernels take: nothing to raise, one group (a C++ pass)
+        if foreach and not _device_has_foreach_support(device):
+            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+        return {(device, False): (_impl_for(device, (), backend), tensors)}
     by_key: dict = {}
     for t in tensors:
         by_key.setdefault((t.device, t.layout != torch.strided), []).append(t)

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from . import api
+from . import _ops, api
 from . import distributed as _dist
 
 __all__ = ["ClipStats", "GradClipper", "POLICIES"]
@@ -288,25 +288,44 @@ class GradClipper:
         self.stats = stats
         self.foreach = foreach
         self.backend = backend
+        self._op_args = self._args()
         self._state = self._initial_state(torch.device("cpu"))
 
     # ---- state ----
 
+    _POLICY = {"fixed": 0, "autoclip": 1, "zclip": 2}  # the op's policy codes (csrc/common/rules.h)
+
+    def _size(self) -> int:
+        return {"fixed": 0, "autoclip": self.history, "zclip": self.warmup_steps}[self.policy]
+
+    def _args(self) -> list:
+        """The op's arguments (gradclip_cuda/_ops.py, POLICY_ARGS)."""
+        cap = math.inf if self.max_grad_norm is None else self.max_grad_norm
+        return [self.max_norm, self.eps, self.percentile / 100, cap, self.alpha, self.z_thresh, self.clip_factor,
+                float(self._size()), float(self.zclip_mode == "percentile"), float(self.clip_option == "mean"),
+                float(self.skip_update_on_spike)]
+
     def _initial_state(self, device: torch.device) -> dict:
-        dbl = dict(dtype=torch.float64, device=device)
-        long = dict(dtype=torch.int64, device=device)
-        first = self.max_norm if self.policy == "fixed" else math.nan
-        state = {"step": torch.zeros((), **long), "threshold": torch.full((), first, **dbl)}
+        """The flat float64 state the op advances (layout: csrc/common/rules.h) and, by name, views of it."""
+        code = self._POLICY[self.policy]
+        flat = torch.zeros(_ops.policy_state_size(code, self._size()), dtype=torch.float64, device=device)
+        flat[_ops.THRESHOLD] = self.max_norm if self.policy == "fixed" else math.nan
         if self.policy == "autoclip":
-            state.update(count=torch.zeros((), **long), history=torch.zeros(self.history, **dbl))
+            flat[_ops.DATA:] = math.nan  # unfilled history
+        self._flat = flat
+        views = {"step": flat[_ops.STEPS], "threshold": flat[_ops.THRESHOLD]}
+        if self.policy == "autoclip":
+            views.update(count=flat[_ops.COUNT], history=flat[_ops.DATA:_ops.DATA + self.history],
+                         sorted=flat[_ops.DATA + self.history:])
         elif self.policy == "zclip":
-            state.update(count=torch.zeros((), **long), buffer=torch.zeros(self.warmup_steps, **dbl),
-                         mean=torch.zeros((), **dbl), var=torch.zeros((), **dbl))
-        return state
+            views.update(count=flat[_ops.COUNT], buffer=flat[_ops.DATA:], mean=flat[_ops.MEAN], var=flat[_ops.VAR])
+        return views
 
     def _to(self, device: torch.device) -> None:
-        if self._state["step"].device != device:
-            self._state = {k: v.to(device) for k, v in self._state.items()}
+        if self._flat.device != device:
+            flat = self._flat.to(device)
+            self._state = self._initial_state(device)
+            self._flat.copy_(flat)
 
     @property
     def threshold(self) -> torch.Tensor:
@@ -350,80 +369,11 @@ class GradClipper:
             total, each = api.total_and_each(groups, grads, self.norm_type) if top else (
                 api._total(groups, self.norm_type), None)
             self._to(total.device)
-            threshold = self._update(total.detach().to(torch.float64))
-            coef = _coefficient(total, threshold, self.eps)
+            step = _ops.policy_step_torch if self.backend == "torch" else _ops.ops.clip_policy_step_
+            coef = step(self._flat, total.detach(), self._POLICY[self.policy], self._op_args)
+            threshold = self._state["threshold"]
             api.multiply_(groups, coef)
             if self.stats is not None:
                 self.stats.record(total, threshold, eps=self.eps, coef=coef, per_tensor=each,
                                   positions=[i for i, q in enumerate(params) if q.grad is not None])
             return total
-
-    def _update(self, g: torch.Tensor) -> torch.Tensor:
-        """Advances the state with the float64 total ``g``; returns the step's threshold (the state's tensor)."""
-        s = self._state
-        s["step"].add_(1)
-        if self.policy == "fixed":
-            return s["threshold"]
-        threshold = self._autoclip(g) if self.policy == "autoclip" else self._zclip(g)
-        if self.max_grad_norm is not None:
-            threshold = torch.clamp(threshold, max=self.max_grad_norm)
-        s["threshold"].copy_(threshold)
-        return s["threshold"]
-
-    def _autoclip(self, g: torch.Tensor) -> torch.Tensor:
-        s, size = self._state, self.history
-        finite = torch.isfinite(g)
-        slots = torch.arange(size, device=g.device)
-        s["history"].copy_(torch.where((slots == s["count"] % size) & finite, g, s["history"]))
-        s["count"].add_(finite.to(torch.int64))
-        n = torch.clamp(s["count"], max=size)
-        ordered = torch.sort(torch.where(slots < n, s["history"], _INF)).values
-        # numpy.percentile, method "linear": index (n - 1) * q, weight of the upper neighbour its fractional part
-        index = (n - 1).to(torch.float64) * (self.percentile / 100)
-        below = torch.floor(index)
-        gamma = index - below
-        lo = below.to(torch.int64).clamp(min=0).reshape(1)
-        hi = torch.minimum(lo + 1, (n - 1).clamp(min=0))
-        a, b = ordered.index_select(0, lo)[0], ordered.index_select(0, hi)[0]
-        diff = b - a
-        value = torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)  # numpy's lerp
-        return torch.where(n > 0, value, _INF)
-
-    def _zclip(self, g: torch.Tensor) -> torch.Tensor:
-        s, w, a = self._state, self.warmup_steps, self.alpha
-        finite = torch.isfinite(g)
-        warm = s["count"] < w  # still filling the warm-up buffer
-        # after warm-up: spike detection and the spike threshold from the EMA
-        mean, var = s["mean"], s["var"]
-        std = torch.sqrt(var)
-        if self.zclip_mode == "zscore":
-            z = (g - mean) / (std + self.eps)
-            spike = z > self.z_thresh
-            if self.clip_option == "adaptive_scaling":
-                eta = z / self.z_thresh
-                spike_threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
-            else:
-                spike_threshold = mean
-        else:
-            spike_threshold = mean + self.z_thresh * std
-            spike = g > spike_threshold
-        spike = spike & ~warm
-        threshold = torch.where(spike, spike_threshold, _INF)  # before the state changes (spike_threshold may be it)
-        # the EMA update with the spike threshold or the total (new mean in the variance)
-        value = torch.where(spike, spike_threshold, g)
-        new_mean = a * mean + (1 - a) * value
-        new_var = a * var + (1 - a) * (value - new_mean) ** 2
-        update = finite & ~warm
-        if self.skip_update_on_spike:
-            update = update & ~spike
-        # warm-up: the total enters the buffer; the buffer's mean and population variance start the EMA
-        slots = torch.arange(w, device=g.device)
-        buffer = torch.where((slots == s["count"]) & warm & finite, g, s["buffer"])
-        start = warm & finite & (s["count"] + 1 == w)
-        first_mean = buffer.sum() / w
-        first_var = ((buffer - first_mean) ** 2).sum() / w
-        s["buffer"].copy_(buffer)
-        s["mean"].copy_(torch.where(start, first_mean, torch.where(update, new_mean, mean)))
-        s["var"].copy_(torch.where(start, first_var, torch.where(update, new_var, var)))
-        s["count"].add_((warm & finite).to(torch.int64))
-        return threshold

@@ -45,7 +45,7 @@ def test_triton_ops_take_the_schemas_of_their_ops():
     from gradclip_cuda import triton as gt  # registers the triton_* ops
     if "schema" not in inspect.signature(torch.library.triton_op).parameters:
         pytest.skip("this torch infers triton_op schemas from type hints")
-    for name in _ops.SCHEMAS:
+    for name in set(_ops.SCHEMAS) - {"clip_policy_step_"}:  # one thread of scalar code: CUDA kernel or torch ops
         op = getattr(ops, "triton_" + name).default
         assert str(op._schema) == str(torch._C.parse_schema(f"gradclip_cuda::triton_{name}" + _ops.SCHEMAS[name]))
     assert gt.CHUNK == _ops.C.CUDA_CHUNK if _ops.C is not None else True

@@ -204,22 +204,29 @@ def test_fixed_is_clip_grad_norm(dtype):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-7 if dtype == torch.float32 else 1e-15, atol=0)
 
 
+# "auto": the compiled policy step (csrc/common/rules.h) where the library is built; "torch": the same rules in
+# torch ops (gradclip_cuda/_ops.py, policy_step_torch).
+STEP_BACKENDS = ["auto", "torch"]
+
+
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("percentile,history,cap", [(10.0, 1000, None), (50.0, 7, None), (90.0, 5, 1.2),
                                                     (0.0, 3, None), (100.0, 4, None)])
-def test_autoclip(dtype, percentile, history, cap):
+def test_autoclip(dtype, percentile, history, cap, backend):
     params = make_params([dtype])
     clipper = gc.GradClipper("autoclip", percentile=percentile, history=history, max_grad_norm=cap,
-                             stats=gc.ClipStats())
+                             stats=gc.ClipStats(), backend=backend)
     totals = sequence(24, spikes=(5, 17), nonfinite=((0, NAN), (1, INF), (11, INF), (12, NAN)))
     replay(clipper, AutoClipRef(percentile, history, cap), params, totals)
 
 
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("percentile", [0.0, 10.0, 37.5, 50.0, 90.0, 99.9, 100.0])
-def test_autoclip_percentile_is_numpys_over_the_ring(percentile):
+def test_autoclip_percentile_is_numpys_over_the_ring(percentile, backend):
     """History shorter than the run: the ring wraps several times; numpy.percentile over the last 7 totals."""
     params = make_params([torch.float64], per_dtype=1, numel=5)
-    clipper = gc.GradClipper("autoclip", percentile=percentile, history=7)
+    clipper = gc.GradClipper("autoclip", percentile=percentile, history=7, backend=backend)
     seen = []
     for step, target in enumerate(sequence(30, spikes=(4, 12, 13))):
         set_grads(params, target, step)
@@ -227,12 +234,13 @@ def test_autoclip_percentile_is_numpys_over_the_ring(percentile):
         assert clipper.threshold.item() == float(np.percentile(seen[-7:], percentile))
 
 
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", ZCLIP_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "default")
-def test_zclip(dtype, case):
+def test_zclip(dtype, case, backend):
     ours, theirs = zclip_kwargs(case)
     params = make_params([dtype])
-    clipper = gc.GradClipper("zclip", stats=gc.ClipStats(), **ours)
+    clipper = gc.GradClipper("zclip", stats=gc.ClipStats(), backend=backend, **ours)
     thresholds = replay(clipper, ZClipRef(**theirs), params, ZCLIP_TOTALS)
     assert any(math.isfinite(t) and t < 3 for t in thresholds[8:])  # spikes were clipped after warm-up
 
@@ -517,3 +525,22 @@ def test_no_gradients_leave_the_state_alone():
     p = torch.nn.Parameter(torch.ones(3))
     assert torch.equal(clipper([p]), torch.tensor(0.0))
     assert clipper.state_dict()["step"].item() == 0 and clipper.threshold.isnan()
+
+
+@pytest.mark.parametrize("policy,kw", [("autoclip", dict(history=5, percentile=30.0)),
+                                       ("zclip", dict(warmup_steps=4, zclip_mode="percentile", max_grad_norm=2.0))])
+def test_compiled_and_torch_policy_steps_keep_the_same_state(policy, kw):
+    """The op's compiled kernel and its torch-op kernel advance one state layout the same way (a run may switch
+    backends, or resume a checkpoint of the other): thresholds, coefficients and every state value agree."""
+    from gradclip_cuda import _ops
+    if _ops.C is None:
+        pytest.skip("needs the compiled library")
+    compiled = gc.GradClipper(policy, **kw)
+    torch_ops = gc.GradClipper(policy, backend="torch", **kw)
+    code = compiled._POLICY[policy]
+    for step, target in enumerate(sequence(18, spikes=(6, 12), nonfinite=((3, INF), (10, NAN)))):
+        total = torch.tensor(target, dtype=torch.float64)
+        a = _ops.ops.clip_policy_step_(compiled._flat, total, code, compiled._op_args)
+        b = _ops.policy_step_torch(torch_ops._flat, total, code, torch_ops._op_args)
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0, equal_nan=True)
+        torch.testing.assert_close(compiled._flat, torch_ops._flat, rtol=1e-13, atol=0, equal_nan=True)

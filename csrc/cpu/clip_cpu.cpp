@@ -6,6 +6,7 @@
 // and the second is taken when the processor has it.
 #include "clip_cpu.h"
 #include "common/plan.h"
+#include "common/rules.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -446,6 +447,33 @@ void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double 
   }
   for (auto& [original, copy] : back) original.copy_(copy);
   bump_versions(grads);
+}
+
+void check_policy_state(const at::Tensor& state, const at::Tensor& total, int64_t policy, at::ArrayRef<double> args) {
+  TORCH_CHECK(args.size() == size_t(kPolicyArgs), "gradclip_cuda: clip_policy_step_ takes ", kPolicyArgs,
+              " arguments, got ", args.size());
+  TORCH_CHECK(policy >= 0 && policy <= 2, "gradclip_cuda: unknown clipping policy ", policy);
+  const PolicyArgs a = policy_args(args.data());
+  const int64_t data = policy == int64_t(ClipPolicy::AutoClip) ? 2 * a.size : policy == int64_t(ClipPolicy::ZClip) ? a.size : 0;
+  TORCH_CHECK(state.scalar_type() == at::kDouble && state.dim() == 1 && state.is_contiguous() &&
+                  state.numel() == kStateData + data,
+              "gradclip_cuda: a clipping policy's state is a contiguous float64 vector of ", kStateData + data,
+              " values");
+  TORCH_CHECK(total.numel() == 1 && at::isFloatingType(total.scalar_type()),
+              "gradclip_cuda: clip_policy_step_ takes a floating-point total of one value");
+  TORCH_CHECK(total.device() == state.device(), "gradclip_cuda: the total and the policy state are on ",
+              total.device(), " and ", state.device());
+}
+
+at::Tensor clip_policy_step_cpu(const at::Tensor& state, const at::Tensor& total, int64_t policy,
+                                at::ArrayRef<double> args) {
+  check_policy_state(state, total, policy, args);
+  const PolicyArgs a = policy_args(args.data());
+  const double g = total.to(at::kDouble).item<double>();  // a CPU tensor: read on the host, no device sync
+  const double threshold = policy_step(state.data_ptr<double>(), static_cast<ClipPolicy>(policy), a, g);
+  bump_versions({state});
+  if (total.scalar_type() == at::kDouble) return scalar_of(policy_coef<double>(g, threshold, a.eps), at::kDouble);
+  return scalar_of(policy_coef<float>(static_cast<float>(g), threshold, a.eps), at::kFloat);
 }
 
 }  // namespace gradclip

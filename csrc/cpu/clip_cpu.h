@@ -16,6 +16,12 @@ void clip_grad_value_cpu(at::TensorList xs, double clip_value);
 void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
                             int64_t unit_axis);
 
+// The stateful clipping policies' step (common/rules.h): advances `state` in place, returns the coefficient.
+at::Tensor clip_policy_step_cpu(const at::Tensor& state, const at::Tensor& total, int64_t policy,
+                                at::ArrayRef<double> args);
+// The op's argument checks, shared with the CUDA kernel.
+void check_policy_state(const at::Tensor& state, const at::Tensor& total, int64_t policy, at::ArrayRef<double> args);
+
 // Which build of the inner loops runs: "avx2" (AVX2 + FMA + F16C) or "generic" (GRADCLIP_CPU_GENERIC=1 forces it).
 const char* cpu_kernel_isa();
 

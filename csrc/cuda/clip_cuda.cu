@@ -16,6 +16,8 @@
 #include "common/launch.h"
 #include "common/plan.h"
 #include "common/policy.h"
+#include "common/rules.h"
+#include "cpu/clip_cpu.h"
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -294,6 +296,15 @@ __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
              const double coef = coefficient(c, base + slot);  // the same for every thread of the block (or warp)
              if (coef != 1.0) scale_chunk(chunk, coef, tid, threads);
            });
+}
+
+// The clipping policies' step on one thread: the state stays on the device, the coefficient is written there.
+__global__ void policy_step_kernel(double* state, const void* total, DType total_dtype, ClipPolicy policy,
+                                   PolicyArgs a, void* coef, bool f64) {
+  const double g = load_as(total, total_dtype);
+  const double threshold = policy_step(state, policy, a, g);
+  if (f64) *static_cast<double*>(coef) = policy_coef<double>(g, threshold, a.eps);
+  else *static_cast<float*>(coef) = policy_coef<float>(static_cast<float>(g), threshold, a.eps);
 }
 
 template <int N>
@@ -635,6 +646,25 @@ void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
                         reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>)), &clip_value, false);
   finish_writes(c.plan);
   bump_versions(xs);
+}
+
+at::Tensor clip_policy_step_cuda(const at::Tensor& state, const at::Tensor& total, int64_t policy,
+                                 at::ArrayRef<double> args) {
+  check_policy_state(state, total, policy, args);
+  c10::cuda::CUDAGuard guard(state.device());
+  at::Tensor t = total;
+  if (t.scalar_type() != at::kFloat && t.scalar_type() != at::kDouble && t.scalar_type() != at::kHalf &&
+      t.scalar_type() != at::kBFloat16)
+    t = t.to(at::kDouble);
+  const bool f64 = total.scalar_type() == at::kDouble;
+  at::Tensor coef = at::empty({}, state.options().dtype(f64 ? at::kDouble : at::kFloat));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(state.device().index()).stream();
+  policy_step_kernel<<<1, 1, 0, stream>>>(state.data_ptr<double>(), t.data_ptr(), dtype_of(t.scalar_type()),
+                                          static_cast<ClipPolicy>(policy), policy_args(args.data()), coef.data_ptr(),
+                                          f64);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bump_versions({state});
+  return coef;
 }
 
 }  // namespace gradclip

@@ -12,6 +12,8 @@ void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double 
 void multi_tensor_mul_cuda(at::TensorList xs, const at::Tensor& coef);
 at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p, double eps);
 void clip_grad_value_cuda(at::TensorList xs, double clip_value);
+at::Tensor clip_policy_step_cuda(const at::Tensor& state, const at::Tensor& total, int64_t policy,
+                                 at::ArrayRef<double> args);
 // csrc/cuda/agc_cuda.cu
 void adaptive_clip_grad_cuda(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
                              int64_t unit_axis);
