@@ -7,6 +7,8 @@
 
 #include <memory>
 #include <optional>
+#include <utility>
+#include <vector>
 #include <string>
 
 #include "common/launch.h"
@@ -106,6 +108,93 @@ py::object plain_device(py::handle seq) {
   }
   if (n == 0) return py::none();
   return py::cast(device);
+}
+
+// The `.grad` of each parameter of `seq` (a list or tuple of tensors), Nones left out, read in C++: for tensor
+// subclasses (DTensor parameters) Python's `.grad` goes through the subclass's attribute machinery, microseconds a
+// parameter. None when an element is not a tensor.
+py::object grads_of(py::handle seq) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  py::list out;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) return py::none();
+    const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
+    if (g.defined()) out.append(py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
+  }
+  return out;
+}
+
+// DTensor gradients read in one C++ pass (gradclip_cuda/distributed.py, total_norm): `seq` a list or tuple of
+// tensors, None skipped; each DTensor (an instance of `dtensor_cls`) is read as its local shard (`_local_tensor`) and
+// the (mesh, placements) of its spec (`_spec`), a plain tensor as itself. Returns (local tensors grouped by their
+// (mesh, placements), stable; runs: [(unique index, count)] in that order; uniques: [(mesh, placements)], with
+// (None, None) for plain tensors), or None when an element is neither a tensor nor None. Placements are compared
+// by identity first, then by equality (==), with the (mesh, placements) of the previous DTensor tried first: the
+// gradients of a model share a handful.
+py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
+  static PyObject* const s_local = PyUnicode_InternFromString("_local_tensor");
+  static PyObject* const s_spec = PyUnicode_InternFromString("_spec");
+  static PyObject* const s_mesh = PyUnicode_InternFromString("mesh");
+  static PyObject* const s_placements = PyUnicode_InternFromString("placements");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
+  std::vector<std::vector<py::object>> members;
+  int plain = -1, last = -1;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* g = items[i];
+    if (g == Py_None) continue;
+    if (!THPVariable_Check(g)) return py::none();
+    const int is_dt = PyObject_IsInstance(g, dtensor_cls.ptr());
+    if (is_dt < 0) throw py::error_already_set();
+    int slot;
+    py::object local;
+    if (is_dt) {
+      local = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_local));
+      py::object spec = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
+      if (!local || !spec) throw py::error_already_set();
+      py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_mesh));
+      py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_placements));
+      if (!mesh || !pl) throw py::error_already_set();
+      auto same = [&](int j) {
+        if (j < 0 || j == plain || uniques[j].first.ptr() != mesh.ptr()) return false;
+        if (uniques[j].second.ptr() == pl.ptr()) return true;
+        const int eq = PyObject_RichCompareBool(uniques[j].second.ptr(), pl.ptr(), Py_EQ);
+        if (eq < 0) throw py::error_already_set();
+        return eq == 1;
+      };
+      slot = -1;
+      if (same(last)) slot = last;
+      for (int j = 0; slot < 0 && j < static_cast<int>(uniques.size()); ++j)
+        if (same(j)) slot = j;
+      if (slot < 0) {
+        slot = static_cast<int>(uniques.size());
+        uniques.emplace_back(mesh, pl);
+        members.emplace_back();
+      }
+      last = slot;
+      if (!THPVariable_Check(local.ptr())) return py::none();
+    } else {
+      if (plain < 0) {
+        plain = static_cast<int>(uniques.size());
+        uniques.emplace_back(py::none(), py::none());
+        members.emplace_back();
+      }
+      slot = plain;
+      local = py::reinterpret_borrow<py::object>(g);
+    }
+    members[slot].push_back(std::move(local));
+  }
+  py::list locals, runs, uniq;
+  for (size_t j = 0; j < uniques.size(); ++j) {
+    for (auto& t : members[j]) locals.append(t);
+    runs.append(py::make_tuple(j, members[j].size()));
+    uniq.append(py::make_tuple(uniques[j].first, uniques[j].second));
+  }
+  return py::make_tuple(locals, runs, uniq);
 }
 
 // The hot path of the drop-in API, with no Python loop over the tensors: `seq` is a list or tuple of parameters
@@ -272,6 +361,9 @@ py::dict last_cuda_call_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &gradclip::build_info, "torch and CUDA versions this library was built against");
   m.def("register_kernels", &gradclip::register_kernels, "register the compiled kernels with the dispatcher");
+  m.def("grads_of", &gradclip::grads_of, py::arg("seq"), "the defined .grad of each parameter, or None");
+  m.def("dtensor_locals", &gradclip::dtensor_locals, py::arg("seq"), py::arg("dtensor_cls"),
+        "local shards of DTensor gradients grouped by (mesh, placements): (locals, runs, uniques), or None");
   m.def("plain_device", &gradclip::plain_device, py::arg("seq"),
         "the one device of a list of tensors the compiled kernels take as they are, else None");
   m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),

@@ -122,6 +122,33 @@ class _Plan:
         return i
 
 
+def _dtensor_key(plan: _Plan, mesh, placements) -> int:
+    """The reduction key of DTensors on ``mesh`` with ``placements`` (registering their groups in ``plan``). Raises
+    on a mesh of another device type than the plan's and on Partial placements."""
+    if plan.mesh is None:
+        plan.mesh, plan.mesh_device = mesh, mesh.device_type
+    elif mesh.device_type != plan.mesh_device:
+        raise ValueError(f"gradclip_cuda: gradients on meshes of different device types "
+                         f"('{plan.mesh_device}' and '{mesh.device_type}'): one call cannot reduce them "
+                         "together; nothing was written")
+    for d, pl in enumerate(placements):
+        if pl.is_partial():
+            raise NotImplementedError(
+                f"gradclip_cuda: a gradient with a Partial placement ({pl} on mesh dimension {d}) holds "
+                "unreduced values whose norm the partials do not determine; redistribute it to Shard or "
+                "Replicate first. Nothing was written")
+    # every placement that is neither Replicate nor Partial splits the data: Shard, and _StridedShard (FSDP over
+    # TP), which some torch versions do not make a Shard
+    dims = [plan.group(mesh.get_group(d), f"mesh dimension {d}")
+            for d, pl in enumerate(placements) if not pl.is_replicate()]
+    return plan.key(tuple(i for i in dims if i is not None))
+
+
+def _plain_key(plan: _Plan, process_group) -> int:
+    gi = plan.group(process_group, "process_group") if process_group is not None else None
+    return plan.key(() if gi is None else (gi,))
+
+
 def _plan(grads, process_group):
     """(plan, key index of each gradient, local shard of each gradient). Raises on meshes of different device types
     and on Partial placements."""
@@ -134,38 +161,40 @@ def _plan(grads, process_group):
         if DTensor is not None and (type(g) is DTensor or isinstance(g, DTensor)):
             locals_.append(g._local_tensor)
             spec = g._spec
-            mesh = spec.mesh
-            placements = spec.placements
-            k = cache.get((id(mesh), placements))
+            k = cache.get((id(spec.mesh), spec.placements))
             if k is None:
-                if plan.mesh is None:
-                    plan.mesh, plan.mesh_device = mesh, mesh.device_type
-                elif mesh.device_type != plan.mesh_device:
-                    raise ValueError(f"gradclip_cuda: gradients on meshes of different device types "
-                                     f"('{plan.mesh_device}' and '{mesh.device_type}'): one call cannot reduce them "
-                                     "together; nothing was written")
-                for d, pl in enumerate(placements):
-                    if pl.is_partial():
-                        raise NotImplementedError(
-                            f"gradclip_cuda: a gradient with a Partial placement ({pl} on mesh dimension {d}) holds "
-                            "unreduced values whose norm the partials do not determine; redistribute it to Shard or "
-                            "Replicate first. Nothing was written")
-                # every placement that is neither Replicate nor Partial splits the data: Shard, and
-                # _StridedShard (FSDP over TP), which some torch versions do not make a Shard
-                dims = [plan.group(mesh.get_group(d), f"mesh dimension {d}")
-                        for d, pl in enumerate(placements) if not pl.is_replicate()]
-                k = cache[(id(mesh), placements)] = plan.key(tuple(i for i in dims if i is not None))
+                k = cache[(id(spec.mesh), spec.placements)] = _dtensor_key(plan, spec.mesh, spec.placements)
             out.append(k)
         else:
             locals_.append(g)
             if plain_key is None:
-                gi = plan.group(process_group, "process_group") if process_group is not None else None
-                plain_key = plan.key(() if gi is None else (gi,))
+                plain_key = _plain_key(plan, process_group)
             out.append(plain_key)
     if process_group is not None and plain_key is None:  # no plain tensors here: still join process_group's reduce
-        gi = plan.group(process_group, "process_group")
-        plan.key(() if gi is None else (gi,))
+        _plain_key(plan, process_group)
     return plan, out, locals_
+
+
+def _fast_plan(grads, process_group):
+    """What _plan gives, from one C++ pass over the gradients (_C.dtensor_locals), or None where it does not apply:
+    (plan, runs [(key, count)] of the local shards in their new order, local shards grouped by (mesh, placements),
+    their one device). Applies when every local shard is a plain tensor the compiled kernels take, on one device."""
+    DTensor = _dtensor_class()
+    if _ops.C is None or DTensor is None or torch.compiler.is_compiling():
+        return None
+    read = _ops.C.dtensor_locals(grads, DTensor)
+    if read is None:
+        return None
+    locals_, runs, uniques = read
+    device = _ops.C.plain_device(locals_)
+    if device is None:
+        return None
+    plan = _Plan()
+    keys = [(_plain_key(plan, process_group) if mesh is None else _dtensor_key(plan, mesh, placements))
+            for mesh, placements in uniques]
+    if process_group is not None and all(mesh is not None for mesh, _ in uniques):
+        _plain_key(plan, process_group)  # no plain tensors here: still join process_group's reduce
+    return plan, [(keys[u], count) for u, count in runs], locals_
 
 
 def _op(p: float):
@@ -199,11 +228,15 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     gradients) for the coefficient, the device groups of local shards as api._groups makes them). Every rank of the
     groups involved must call it with gradients on the same meshes, in the same order."""
     from . import api
-    plan, kidx, locals_ = _plan(grads, process_group)
     pps = _pp_list(pp_group)
+    skip_empty = math.isinf(p) or p < 0
+    fast = None if skip_empty else _fast_plan(grads, process_group)
+    if fast is not None:
+        plan, runs, locals_ = fast
+        return _reduce(plan, locals_, api._groups(locals_, foreach, backend), p, pps, runs=runs)
+    plan, kidx, locals_ = _plan(grads, process_group)
     if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
         _ops.check_tensors(locals_, 2.0)
-    skip_empty = math.isinf(p) or p < 0
     if skip_empty:
         # torch's error for an empty tensor where p has no identity, on the global shapes (a DTensor's numel is
         # global); a plain shard over process_group may be empty on this rank (its tensor is not): not an error
@@ -218,35 +251,56 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     if writes and len(groups) > 1:  # overlapping gradients across device groups, before the first op writes
         for _, ts in groups.values():
             _ops.check_overlaps(ts)
+    return _reduce(plan, locals_, groups, p, pps, kidx=kidx)
+
+
+def _runs(ks):
+    """[(key, count)] of consecutive equal keys."""
+    out = []
+    for k in ks:
+        if out and out[-1][0] == k:
+            out[-1][1] += 1
+        else:
+            out.append([k, 1])
+    return out
+
+
+def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None):
+    """The rest of total_norm: one norm launch per device group of local shards (per-tensor norms), each key's
+    un-finalised partial, one all-reduce per distinct group, the keys and pipeline stages combined. ``runs``: the
+    (key, count) runs of the shards as ``groups`` holds them (one group); else ``kidx``, each shard's key."""
+    skip_empty = math.isinf(p) or p < 0
     dev = _comm_device(plan, locals_, plan.groups + pps)
     single = len(plan.keys) == 1
-    key_of = {} if single else {id(t): k for t, k in zip(locals_, kidx)}
+    key_of = {} if single or runs is not None else {id(t): k for t, k in zip(locals_, kidx)}
     # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
     contributions: list = [[] for _ in plan.keys]
     for impl, ts in groups.values():
-        if not single:
+        if not single and runs is None:
             ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
         xs = [t for t in ts if t.numel()] if skip_empty else ts
         if not xs:
             continue
         each = impl.norm(xs, p, True)[1].to(device=dev, dtype=torch.float64)
-        ks = [0] * len(xs) if single else [key_of[id(x)] for x in xs]
+        if runs is not None:
+            segments = runs
+        else:
+            segments = [(0, len(xs))] if single else _runs([key_of[id(x)] for x in xs])
         if p not in (0.0, math.inf, -math.inf) and p != 1.0:
             each = each.pow(p)
         start = 0
-        for j in range(1, len(ks) + 1):
-            if j == len(ks) or ks[j] != ks[start]:
-                seg = each[start:j]
-                if p == 0:
-                    c = seg
-                elif p == math.inf:
-                    c = seg.max()
-                elif p == -math.inf:
-                    c = seg.min()
-                else:
-                    c = seg.sum()
-                contributions[ks[start]].append(c)
-                start = j
+        for k, count in segments:
+            seg = each[start:start + count]
+            start += count
+            if p == 0:
+                c = seg
+            elif p == math.inf:
+                c = seg.max()
+            elif p == -math.inf:
+                c = seg.min()
+            else:
+                c = seg.sum()
+            contributions[k].append(c)
     # Un-finalised partial per key.
     partials = []
     for cs in contributions:

@@ -60,7 +60,12 @@ constexpr int kAgcSmallSlots = 64;   // 3,616 bytes: older drivers
 static_assert(param_bytes<AgcTable<kAgcLargeSlots>, AgcArgs>() <= kMaxParamBytes, "AGC table over 32,764 bytes");
 static_assert(param_bytes<AgcTable<kAgcSmallSlots>, AgcArgs>() <= kMaxParamBytesOldDriver, "AGC table over 4 KB");
 
-constexpr int kAgcMinBlocks = 2;
+// Blocks of 256 threads, at least 3 per SM (85 registers a thread): units are a few thousand elements (a block of 512
+// would leave most threads a vector or two), and at 2 blocks of 512 (64 registers) ptxas spilled 8-24 bytes in every
+// kernel but general p (sm_80 and sm_90, nvcc 13.0; tests/test_cuda_host.py holds the limits).
+constexpr int kAgcThreads = 256;
+constexpr int kAgcWarps = kAgcThreads / 32;
+constexpr int kAgcMinBlocks = 3;
 
 // The p-norm of unit u of a tensor of dtype T; every thread of the block gets it.
 template <NormKind K, typename T>
@@ -69,8 +74,9 @@ __device__ __forceinline__ double unit_norm_t(const T* x, const AgcSlot& s, int6
   const A pa = static_cast<A>(p);
   A acc = identity<A>(K);
   for (int64_t o = 0; o < s.outer; ++o)
-    acc = combine(K, acc, thread_partial<K>(x + (o * s.units + u) * s.inner, s.inner, pa, int(threadIdx.x), kThreads));
-  return finalize(K, static_cast<double>(block_combine(K, acc, smem)), p);
+    acc = combine(K, acc,
+                  thread_partial<K>(x + (o * s.units + u) * s.inner, s.inner, pa, int(threadIdx.x), kAgcThreads));
+  return finalize(K, static_cast<double>(block_combine<kAgcWarps>(K, acc, smem)), p);
 }
 
 template <NormKind K>
@@ -91,13 +97,13 @@ __device__ __forceinline__ void scale_unit(T* x, const AgcSlot& s, int64_t u, do
   const A c = agc_coef<A>(static_cast<A>(pn), static_cast<A>(gn), a.clip_factor, a.eps);
   if (c == A(1)) return;
   for (int64_t o = 0; o < s.outer; ++o)
-    map_chunk_t(x + (o * s.units + u) * s.inner, s.inner, int(threadIdx.x), kThreads, [c](A v) { return v * c; });
+    map_chunk_t(x + (o * s.units + u) * s.inner, s.inner, int(threadIdx.x), kAgcThreads, [c](A v) { return v * c; });
 }
 
 template <NormKind K, int N>
-__global__ void __launch_bounds__(kThreads, kAgcMinBlocks)
+__global__ void __launch_bounds__(kAgcThreads, kAgcMinBlocks)
     agc_kernel(const __grid_constant__ AgcTable<N> tab, const AgcArgs a) {
-  __shared__ double smem[kWarps];
+  __shared__ double smem[kAgcWarps];
   const int64_t k = blockIdx.x;
   int32_t lo = 0, hi = tab.h.n_tensors - 1;  // the last slot whose first unit is at most k
   while (lo < hi) {
@@ -149,7 +155,7 @@ void launch_agc(std::vector<AgcSlot>& slots, const AgcArgs& args, NormKind kind,
     tab.h.n_tensors = n;
     AgcArgs a = args;
     void* kargs[] = {&tab, &a};
-    C10_CUDA_CHECK(cudaLaunchKernel(fn, dim3(static_cast<unsigned int>(units)), dim3(kThreads), kargs, 0, stream));
+    C10_CUDA_CHECK(cudaLaunchKernel(fn, dim3(static_cast<unsigned int>(units)), dim3(kAgcThreads), kargs, 0, stream));
   }
 }
 

@@ -39,14 +39,15 @@ __device__ __forceinline__ A warp_combine(NormKind k, A v) {
   return v;
 }
 
-// Combines v over the block; every thread gets the result. smem: kWarps doubles.
-template <typename A>
+// Combines v over the block of W warps; every thread gets the result. smem: W doubles.
+template <int W = kWarps, typename A>
 __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
+  static_assert(W >= 1 && W <= 32, "a block of 1 to 32 warps");
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = warp_combine(k, v);
   if (lane == 0) smem[warp] = static_cast<double>(v);
   __syncthreads();
-  v = lane < kWarps ? static_cast<A>(smem[lane]) : identity<A>(k);
+  v = lane < W ? static_cast<A>(smem[lane]) : identity<A>(k);
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = combine(k, v, __shfl_xor_sync(0xffffffffu, v, o));
   __syncthreads();
