@@ -6,7 +6,8 @@
 Spawns its own ranks (gloo on 127.0.0.1, a free port). Sets: ``fsdp-N``: N parameters of nn.Linear(16, 16) layers,
 each layer and the root under ``fully_shard`` (FSDP2, Shard(0) on a 1-D mesh of every rank); ``tp-N``: blocks of
 nn.Linear(16, 32) colwise and nn.Linear(32, 16) rowwise (parallelize_module: Shard(0), Shard(1) and Replicate
-gradients). Gradients are random (the same global tensors on every rank, split as the parameters).
+gradients). Gradients come from one forward and backward of a batch that is the same on every rank (residual
+blocks x + 0.1 tanh(Wx + b) for FSDP2, so that 500 layers deep they neither vanish nor explode).
 
 Each provider is first checked against the other (total and every local shard after clipping), then timed: every
 call clips (max_norm is a tenth of the total), the gradients are restored from a copy and the ranks meet at a barrier
@@ -45,13 +46,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Residual(torch.nn.Module):
+    """x + 0.1 tanh(W x + b): a deep stack whose gradients neither vanish nor explode."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + 0.1 * torch.tanh(self.lin(x))
+
+
 def _fsdp_set(mesh, n):
     from torch.distributed.fsdp import fully_shard
-    model = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(n // 2)])
+    model = torch.nn.Sequential(*[_Residual() for _ in range(n // 2)])
     for m in model:
         fully_shard(m, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return list(model.parameters())
+    return list(model.parameters()), model
 
 
 def _tp_set(mesh, n):
@@ -64,19 +76,21 @@ def _tp_set(mesh, n):
         plan[f"{i}.up"] = ColwiseParallel()
         plan[f"{i}.down"] = RowwiseParallel()
     parallelize_module(model, mesh, plan)
-    return list(model.parameters())
+
+    def forward(x):
+        for block in model:
+            x = torch.tanh(block["down"](torch.tanh(block["up"](x))))
+        return x
+    return list(model.parameters()), forward
 
 
-def _random_grads(params, seed):
-    """Random gradients, the same global tensor on every rank (so Replicate shards agree), split as the params."""
-    from torch.distributed.tensor import distribute_tensor
+def _backward_grads(forward, seed):
+    """Gradients as training makes them: one forward and backward of a batch that is the same on every rank (FSDP2
+    reduce-scatters and TP all-reduces inside backward, outside anything timed). The gradients of a layer type then
+    share their DTensor specs, as in a real step."""
     gen = torch.Generator().manual_seed(seed)
-    for p in params:
-        full = torch.randn(p.shape, generator=gen, dtype=p.dtype)
-        try:
-            p.grad = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)  # no communication
-        except TypeError:  # torch before 2.7: no src_data_rank, and no communication either
-            p.grad = distribute_tensor(full, p.device_mesh, p.placements)
+    x = torch.randn(8, 16, generator=gen)
+    forward(x).square().sum().backward()
 
 
 def _providers():
@@ -114,8 +128,8 @@ def _worker(rank, world, port, args, q):
         sets = [(f"fsdp-{n}", _fsdp_set, n) for n in args.sizes] + [(f"tp-{n}", _tp_set, n) for n in args.tp_sizes]
         for name, build, n in sets:
             torch.manual_seed(0)
-            params = build(mesh, n)
-            _random_grads(params, seed=1)
+            params, forward = build(mesh, n)
+            _backward_grads(forward, seed=1)
             pristine = [p.grad.to_local().clone() for p in params]
 
             def restore():

@@ -94,6 +94,12 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
          !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has_any(c10::python_ks);
 }
 
+// Whether o is a tensor (torch.Tensor or a subclass), by its type's MRO: THPVariable_Check goes through the tensor
+// metaclass's __instancecheck__ for subclasses (a Python call: DTensor parameters).
+bool is_tensor(PyObject* o) {
+  return PyType_IsSubtype(Py_TYPE(o), reinterpret_cast<PyTypeObject*>(THPVariableClass));
+}
+
 // The device of `seq` (a list or tuple of tensors) when every tensor is one the compiled kernels take as it is
 // (plain_tensor: a CPU or CUDA tensor, strided, float32/float16/bfloat16/float64, not a subclass), all on one device;
 // else None. Lets the Python layer skip its per-tensor checks and device grouping for such a list.
@@ -103,7 +109,7 @@ py::object plain_device(py::handle seq) {
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   c10::Device device(c10::DeviceType::Meta);
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_Check(items[i])) return py::none();
+    if (!is_tensor(items[i])) return py::none();
     if (!plain_tensor(THPVariable_Unpack(items[i]), device)) return py::none();
   }
   if (n == 0) return py::none();
@@ -119,7 +125,7 @@ py::object grads_of(py::handle seq) {
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   py::list out;
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_Check(items[i])) return py::none();
+    if (!is_tensor(items[i])) return py::none();
     const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
     if (g.defined()) out.append(py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
   }
@@ -143,40 +149,46 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
   std::vector<std::vector<py::object>> members;
+  std::vector<std::pair<PyObject*, int>> specs;  // specs seen (the gradients of a model share a few), and their slot
   int plain = -1, last = -1;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* g = items[i];
     if (g == Py_None) continue;
-    if (!THPVariable_Check(g)) return py::none();
-    const int is_dt = PyObject_IsInstance(g, dtensor_cls.ptr());
-    if (is_dt < 0) throw py::error_already_set();
-    int slot;
+    if (!is_tensor(g)) return py::none();
+    if (!PyType_Check(dtensor_cls.ptr())) return py::none();
+    const bool is_dt = PyType_IsSubtype(Py_TYPE(g), reinterpret_cast<PyTypeObject*>(dtensor_cls.ptr()));
+    int slot = -1;
     py::object local;
     if (is_dt) {
       local = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_local));
       py::object spec = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
       if (!local || !spec) throw py::error_already_set();
-      py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_mesh));
-      py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_placements));
-      if (!mesh || !pl) throw py::error_already_set();
-      auto same = [&](int j) {
-        if (j < 0 || j == plain || uniques[j].first.ptr() != mesh.ptr()) return false;
-        if (uniques[j].second.ptr() == pl.ptr()) return true;
-        const int eq = PyObject_RichCompareBool(uniques[j].second.ptr(), pl.ptr(), Py_EQ);
-        if (eq < 0) throw py::error_already_set();
-        return eq == 1;
-      };
-      slot = -1;
-      if (same(last)) slot = last;
-      for (int j = 0; slot < 0 && j < static_cast<int>(uniques.size()); ++j)
-        if (same(j)) slot = j;
+      if (!is_tensor(local.ptr())) return py::none();
+      for (const auto& [ptr, j] : specs)
+        if (ptr == spec.ptr()) slot = j;
       if (slot < 0) {
-        slot = static_cast<int>(uniques.size());
-        uniques.emplace_back(mesh, pl);
-        members.emplace_back();
+        py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_mesh));
+        py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_placements));
+        if (!mesh || !pl) throw py::error_already_set();
+        auto same = [&](int j) {
+          if (j < 0 || j == plain || uniques[j].first.ptr() != mesh.ptr()) return false;
+          if (uniques[j].second.ptr() == pl.ptr()) return true;
+          const int eq = PyObject_RichCompareBool(uniques[j].second.ptr(), pl.ptr(), Py_EQ);
+          if (eq < 0) throw py::error_already_set();
+          return eq == 1;
+        };
+        if (same(last)) slot = last;
+        for (int j = 0; slot < 0 && j < static_cast<int>(uniques.size()); ++j)
+          if (same(j)) slot = j;
+        if (slot < 0) {
+          slot = static_cast<int>(uniques.size());
+          uniques.emplace_back(mesh, pl);
+          members.emplace_back();
+        }
+        // Kept alive by the gradient that holds it (in `seq`) for the rest of this call; a bounded list.
+        if (specs.size() < 16) specs.emplace_back(spec.ptr(), slot);
       }
       last = slot;
-      if (!THPVariable_Check(local.ptr())) return py::none();
     } else {
       if (plain < 0) {
         plain = static_cast<int>(uniques.size());

@@ -275,13 +275,16 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None):
     key_of = {} if single or runs is not None else {id(t): k for t, k in zip(locals_, kidx)}
     # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
     contributions: list = [[] for _ in plan.keys]
+    dtypes = []  # of each norm's output: torch's result dtype of that device's shards
     for impl, ts in groups.values():
         if not single and runs is None:
             ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
         xs = [t for t in ts if t.numel()] if skip_empty else ts
         if not xs:
             continue
-        each = impl.norm(xs, p, True)[1].to(device=dev, dtype=torch.float64)
+        each = impl.norm(xs, p, True)[1]
+        dtypes.append(each)
+        each = each.to(device=dev, dtype=torch.float64)
         if runs is not None:
             segments = runs
         else:
@@ -348,7 +351,10 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None):
         total64 = combined.sqrt()
     else:
         total64 = combined.pow(1.0 / p)
-    dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
+    if dtypes and not skip_empty:
+        dtype = _ops.result_dtype(dtypes)  # every shard went through a norm
+    else:
+        dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
     out_dev = locals_[0].device if locals_ else dev
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return total64.to(device=out_dev, dtype=dtype), total64.to(device=out_dev, dtype=acc), groups, plan.mesh
