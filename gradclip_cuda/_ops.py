@@ -139,6 +139,9 @@ def check_coefficients(xs, values: torch.Tensor, what: str) -> None:
 
 
 def mul_torch_(xs, coef: torch.Tensor) -> None:
+    """multi_tensor_mul_ with torch's ops, as torch's own clip multiplies (``_foreach_mul_`` / ``mul_`` by a 0-d
+    tensor): on a GPU torch rounds that coefficient to a 16-bit gradient's dtype first, where the compiled and
+    Triton kernels multiply in float32; the pure-PyTorch backend keeps torch's behaviour."""
     check_coefficients(xs, coef, "coef")
     check_writable(xs)
     if not xs:
@@ -314,15 +317,15 @@ def check_agc(grads, params, unit_axis: int) -> None:
             raise RuntimeError(f"gradclip_cuda: adaptive_clip_grad_ takes floating-point parameters (float32, "
                                f"float16, bfloat16, float64), got {w.dtype}; nothing was written")
         unit_shape(tuple(g.shape), unit_axis)
-    dense = [g for g in grads if g.numel() > 0 and _dense(g)]
-    try:
-        shared = any(write_skips(dense))
-    except RuntimeError:
-        shared = True
-    if shared:
+    spans = sorted((g.data_ptr(), g.data_ptr() + (sum((n - 1) * st for n, st in zip(g.shape, g.stride())) + 1)
+                    * g.element_size()) for g in grads if g.numel() > 0)  # from the first byte past the last
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
         raise RuntimeError("gradclip_cuda: two gradients share memory (the same gradient twice, or views of one "
-                           "buffer); a unit-wise pass cannot scale shared elements consistently, so nothing was "
-                           "written")
+                           "buffer, interleaved ones included); a unit-wise pass cannot scale shared elements "
+                           "consistently, so nothing was written")
+    for g in grads:
+        if unit_shape(tuple(g.shape), unit_axis)[1] > 2**31 - 1:
+            raise RuntimeError("gradclip_cuda: a gradient of more than 2^31 - 1 AGC units; nothing was written")
 
 
 def unit_norms(x: torch.Tensor, p: float, unit_axis: int) -> torch.Tensor:
@@ -356,11 +359,21 @@ def policy_state_size(policy: int, size: int) -> int:
     return DATA + (2 * size if policy == 1 else size if policy == 2 else 0)
 
 
+def check_policy_args(policy: int, a: dict) -> None:
+    """The op's argument checks (csrc/cpu/clip_cpu.cpp, check_policy_state does the same)."""
+    if policy in (1, 2) and not (a["size"] >= 1 and a["size"] == int(a["size"]) and a["size"] < 2**31):
+        raise RuntimeError(f"gradclip_cuda: a clipping policy's buffer size must be a whole number >= 1, got "
+                           f"{a['size']}")
+    if policy == 1 and not 0 <= a["q"] <= 1:
+        raise RuntimeError(f"gradclip_cuda: AutoClip's quantile must be in [0, 1], got {a['q']}")
+
+
 def policy_step_torch(state: torch.Tensor, total: torch.Tensor, policy: int, args) -> torch.Tensor:
     """clip_policy_step_ with torch ops on small tensors (no host read): the rules of csrc/common/rules.h."""
     a = dict(zip(POLICY_ARGS, args))
     if len(args) != len(POLICY_ARGS) or policy not in (0, 1, 2):
         raise RuntimeError(f"gradclip_cuda: clip_policy_step_ takes policy 0, 1 or 2 and {len(POLICY_ARGS)} arguments")
+    check_policy_args(policy, a)
     size = int(a["size"])
     if state.dtype != torch.float64 or state.dim() != 1 or state.numel() != policy_state_size(policy, size):
         raise RuntimeError("gradclip_cuda: a clipping policy's state is a contiguous float64 vector of "

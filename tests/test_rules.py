@@ -8,7 +8,7 @@ import torch
 
 import gradclip_cuda as gc
 from gradclip_cuda import _ops, ops
-from conftest import RTOL, backends_for, make_grads
+from conftest import RTOL, backends_for, clone_params, make_grads
 
 MIXED = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -17,15 +17,6 @@ def _backends(device, triton=True):
     out = backends_for(device)
     if triton and "triton" in gc.available_backends():
         out = out + ["triton"]
-    return out
-
-
-def _clone(params):
-    out = []
-    for p in params:
-        q = torch.nn.Parameter(p.detach().clone())
-        q.grad = None if p.grad is None else p.grad.clone()
-        out.append(q)
     return out
 
 
@@ -49,12 +40,12 @@ def test_eps_sets_the_coefficients_epsilon(device, eps):
     max_norm = total / 3
     coef = min(max_norm / (total + eps), 1.0)
     for backend in _backends(device):
-        ours = _clone(params)
+        ours = clone_params(params)
         t = gc.clip_grad_norm_(ours, max_norm, eps=eps, backend=backend)
         assert abs(float(t) - total) <= 2e-3 * total, backend
         for q, g in zip(ours, grads64):
             _close(q.grad, g * coef, f"{backend} eps={eps}")
-        ours = _clone(params)
+        ours = clone_params(params)
         gc.clip_grads_with_norm_(ours, max_norm, torch.tensor(total, dtype=torch.float64, device=device), eps=eps,
                                  backend=backend)
         for q, g in zip(ours, grads64):
@@ -100,7 +91,7 @@ def test_per_tensor_clipping_against_a_float64_reference(device, p, eps):
     grads64 = [q.grad.double().cpu() for q in params]
     norms64 = torch.stack([torch.linalg.vector_norm(g, p) for g in grads64])
     for backend in _backends(device):
-        ours = _clone(params)
+        ours = clone_params(params)
         norms = gc.clip_grad_norm_per_tensor_(ours, max_norm, p, eps=eps, backend=backend)
         assert norms.shape == (len(params),) and norms.dtype == torch.float64
         _close(norms, norms64, backend)
@@ -113,12 +104,12 @@ def test_per_tensor_clipping_against_a_float64_reference(device, p, eps):
 def test_per_tensor_clipping_of_many_tensors_and_its_errors():
     params = make_grads([(i % 13 + 1,) for i in range(2100)], MIXED, seed=9, scale=3.0)
     grads64 = [q.grad.double() for q in params]
-    ours = _clone(params)
+    ours = clone_params(params)
     norms = gc.clip_grad_norm_per_tensor_(ours, 2.0)
     for q, g, n in zip(ours, grads64, norms.double().tolist()):
         _close(q.grad, g * min(2.0 / (float(g.norm()) + 1e-6), 1.0), "2,100 tensors")
         assert abs(n - float(g.norm())) <= 2e-2 * float(g.norm())
-    bad = _clone(params[:3])
+    bad = clone_params(params[:3])
     bad[1].grad[0] = float("inf")
     before = [q.grad.clone() for q in bad]
     with pytest.raises(RuntimeError, match="non-finite"):
@@ -205,7 +196,7 @@ def test_agc_against_timms_rule_in_float64(device, unit_axis, p):
     ref = _agc_ref([q.grad for q in params], [q for q in params], 0.01, 1e-3, p, unit_axis)
     changed = 0
     for backend in _backends(device):
-        ours = _clone(params)
+        ours = clone_params(params)
         gc.adaptive_clip_grad_(ours, 0.01, 1e-3, p, unit_axis=unit_axis, backend=backend)
         for q, r, o in zip(ours, ref, params):
             _close(q.grad, r, f"{backend} axis={unit_axis} p={p}")
@@ -216,14 +207,14 @@ def test_agc_against_timms_rule_in_float64(device, unit_axis, p):
 def test_agc_matches_a_per_parameter_torch_recipe_on_float32():
     # The recipe most code runs (timm's loop, one kernel per parameter), in float32.
     params = _agc_set("cpu", [torch.float32], seed=11)
-    theirs = _clone(params)
+    theirs = clone_params(params)
     for q in theirs:
         w, g = q.detach(), q.grad.detach()
         dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
         limit = torch.linalg.vector_norm(w, 2.0, dim=dims, keepdim=g.dim() > 1).clamp_(min=1e-3).mul_(0.01)
         gn = torch.linalg.vector_norm(g, 2.0, dim=dims, keepdim=g.dim() > 1)
         g.copy_(torch.where(gn < limit, g, g * (limit / gn.clamp(min=1e-6))))
-    ours = _clone(params)
+    ours = clone_params(params)
     gc.adaptive_clip_grad_(ours)
     for q, r in zip(ours, theirs):
         torch.testing.assert_close(q.grad, r.grad, rtol=1e-5, atol=1e-8)
@@ -258,7 +249,7 @@ def test_agc_non_contiguous_gradients_and_parameters(device):
     params[1].grad = params[1].grad.t().contiguous().t()  # a transposed (non-contiguous) gradient of shape (12, 10)
     ref = _agc_ref([q.grad for q in params], params, 0.05, 1e-3, 2.0, 0)
     for backend in _backends(device):
-        ours = _clone(params)
+        ours = clone_params(params)
         ours[1].grad = params[1].grad.clone().t().contiguous().t()
         assert not ours[1].grad.is_contiguous()
         gc.adaptive_clip_grad_(ours, 0.05, backend=backend)
@@ -295,7 +286,7 @@ def test_agc_is_deterministic_across_thread_counts_and_many_tensors():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            ours = _clone(params)
+            ours = clone_params(params)
             gc.adaptive_clip_grad_(ours)
             results.append([q.grad for q in ours])
     finally:
@@ -319,3 +310,27 @@ def test_unit_shapes():
     assert _ops.unit_shape((8, 4, 3, 3), 1) == (8, 4, 9)
     assert _ops.unit_shape((10,), 0) == (1, 1, 10)
     assert _ops.unit_shape((), 0) == (1, 1, 1)
+
+
+def test_agc_refuses_interleaved_views_of_one_buffer(device):
+    base = torch.randn(6, 8, device=device) * 100
+    w = torch.randn(6, 4, device=device)
+    for backend in _backends(device):
+        impl = gc.api._impl_for(torch.device(device), [base], backend)
+        before = base.clone()
+        with pytest.raises(RuntimeError, match="share memory"):  # disjoint elements, one memory span
+            impl.agc([base[:, ::2], base[:, 1::2]], [w, w.clone()], 0.01, 1e-3, 2.0, 0)
+        assert torch.equal(base, before), backend
+
+
+@pytest.mark.parametrize("args,match", [({"size": 0.0}, "whole number"), ({"size": 2.5}, "whole number"),
+                                        ({"q": 1.5}, r"\[0, 1\]"), ({"q": float("nan")}, r"\[0, 1\]")])
+def test_policy_step_op_checks_its_arguments(args, match):
+    from gradclip_cuda import policies
+    clipper = policies.GradClipper("autoclip", history=4)
+    a = dict(zip(_ops.POLICY_ARGS, clipper._op_args))
+    a.update(args)
+    state = clipper._flat.clone()
+    for step in (ops.clip_policy_step_, _ops.policy_step_torch):
+        with pytest.raises(RuntimeError, match=match):
+            step(state, torch.tensor(1.0), 1, [a[k] for k in _ops.POLICY_ARGS])

@@ -80,7 +80,7 @@ AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axi
   TORCH_CHECK(grads.size() == params.size(), "gradclip_cuda: adaptive_clip_grad_ takes one parameter per gradient, got ",
               grads.size(), " gradients and ", params.size(), " parameters");
   AgcCheck out;
-  std::vector<TensorRef> dense;
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;  // [first byte, past the last byte) of each gradient
   for (size_t i = 0; i < grads.size(); ++i) {
     const at::Tensor& g = grads[i];
     const at::Tensor& w = params[i];
@@ -108,13 +108,42 @@ AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axi
       s.inner = 1;
       for (int64_t d = a + 1; d < nd; ++d) s.inner *= g.size(d);
     }
+    TORCH_CHECK(s.units <= INT32_MAX, "gradclip_cuda: a gradient of more than 2^31 - 1 AGC units; nothing was "
+                "written");
     out.shapes.push_back(s);
-    if (g.numel() > 0 && g.is_non_overlapping_and_dense()) dense.push_back({g.data_ptr(), g.numel(), gd});
+    if (g.numel() > 0) {  // the bytes from its first element to its last, gaps included
+      int64_t last = 0;
+      for (int64_t d = 0; d < nd; ++d) last += (g.size(d) - 1) * g.stride(d);
+      const auto start = reinterpret_cast<uintptr_t>(g.data_ptr());
+      spans.emplace_back(start, start + uintptr_t(last + 1) * g.element_size());
+    }
+    (void)gd;
   }
-  const WriteSkips sk = write_skips(dense);
-  TORCH_CHECK(!sk.any && !sk.overlap, "gradclip_cuda: two gradients share memory (the same gradient twice, or views "
-              "of one buffer); a unit-wise pass cannot scale shared elements consistently, so nothing was written");
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i)
+    TORCH_CHECK(spans[i].first >= spans[i - 1].second, "gradclip_cuda: two gradients share memory (the same "
+                "gradient twice, or views of one buffer, interleaved ones included); a unit-wise pass cannot scale "
+                "shared elements consistently, so nothing was written");
   return out;
+}
+
+AgcInputs prepare_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis) {
+  const AgcCheck check = check_agc(grads, params, unit_axis);
+  AgcInputs in;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    at::Tensor g = grads[i];
+    if (!g.is_contiguous()) {
+      in.back.emplace_back(g, g.contiguous());
+      g = in.back.back().second;
+    }
+    in.items.push_back({g, params[i].contiguous(), check.shapes[i]});
+  }
+  return in;
+}
+
+void finish_agc(AgcInputs& in) {
+  for (auto& [original, copy] : in.back) original.copy_(copy);
 }
 
 WriteSkips write_skips(const std::vector<TensorRef>& ts) {

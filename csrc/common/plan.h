@@ -92,6 +92,19 @@ struct AgcCheck {
 // gradients that share no memory (a unit-wise pass cannot scale shared elements consistently).
 AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis);
 
+// What the AGC kernels take, after check_agc: each non-empty gradient and its parameter contiguous (copies where they
+// are not; a gradient's copy is written back by finish_agc) with its unit shape.
+struct AgcInputs {
+  struct Item {
+    at::Tensor grad, param;
+    UnitShape shape;
+  };
+  std::vector<Item> items;
+  std::vector<std::pair<at::Tensor, at::Tensor>> back;  // (gradient, its contiguous copy)
+};
+AgcInputs prepare_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis);
+void finish_agc(AgcInputs& in);
+
 // The kernels' dtype code of a scalar type; raises (torch's wording for integers) on any other dtype.
 DType dtype_of(at::ScalarType st);
 

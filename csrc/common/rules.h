@@ -2,7 +2,8 @@
 // and the coefficient, on a float64 state vector, as __host__ __device__ code run by the CPU kernel on the host and by
 // one CUDA thread on the device: one op per step instead of tens of small tensor ops (each a launch on a GPU, a few
 // microseconds of dispatch on a CPU). The pure-PyTorch kernel of the op (gradclip_cuda/_ops.py, policy_step_torch)
-// computes the same values with torch ops on the same layout.
+// computes the same values with torch ops on the same layout. nvcc contracts a * b + c into fused multiply-adds (the
+// CPU build does not), so the CUDA kernel's state can differ from the CPU's in the last bit; each is deterministic.
 //
 // State layout (float64): [0] steps, [1] count (finite totals taken: every one for AutoClip, the warm-up ones for
 // ZClip), [2] the last threshold (+inf: no clipping), [3] ZClip's EMA mean, [4] its variance, then from [5] the

@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -414,28 +415,15 @@ void clip_grad_value_cpu(at::TensorList xs, double clip_value) {
 
 void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
                             int64_t unit_axis) {
-  const AgcCheck check = check_agc(grads, params, unit_axis);
+  AgcInputs in = prepare_agc(grads, params, unit_axis);
   std::vector<AgcTensor> ts;
   std::vector<int64_t> unit_base{0};
-  std::vector<std::pair<at::Tensor, at::Tensor>> back;  // gradients processed through contiguous copies
-  std::vector<at::Tensor> keep;                         // parameters read through contiguous copies
   int64_t elems = 0;
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].numel() == 0) continue;
-    at::Tensor g = grads[i], w = params[i];
-    if (!g.is_contiguous()) {
-      back.emplace_back(g, g.contiguous());
-      g = back.back().second;
-    }
-    if (!w.is_contiguous()) {
-      keep.push_back(w.contiguous());
-      w = keep.back();
-    }
-    const UnitShape s = check.shapes[i];
-    ts.push_back({g.data_ptr(), w.data_ptr(), dtype_of(g.scalar_type()), dtype_of(w.scalar_type()), s.outer, s.units,
-                  s.inner});
-    unit_base.push_back(unit_base.back() + s.units);
-    elems += g.numel();
+  for (const auto& it : in.items) {
+    ts.push_back({it.grad.data_ptr(), it.param.data_ptr(), dtype_of(it.grad.scalar_type()),
+                  dtype_of(it.param.scalar_type()), it.shape.outer, it.shape.units, it.shape.inner});
+    unit_base.push_back(unit_base.back() + it.shape.units);
+    elems += it.grad.numel();
   }
   const int64_t n = unit_base.back();
   if (n == 0) return;
@@ -445,7 +433,7 @@ void adaptive_clip_grad_cpu(at::TensorList grads, at::TensorList params, double 
   } else {
     at::parallel_for(0, n, std::max<int64_t>(1, n * 8192 / elems), body);  // about 8,192 elements a task at least
   }
-  for (auto& [original, copy] : back) original.copy_(copy);
+  finish_agc(in);
   bump_versions(grads);
 }
 
@@ -454,6 +442,11 @@ void check_policy_state(const at::Tensor& state, const at::Tensor& total, int64_
               " arguments, got ", args.size());
   TORCH_CHECK(policy >= 0 && policy <= 2, "gradclip_cuda: unknown clipping policy ", policy);
   const PolicyArgs a = policy_args(args.data());
+  if (policy != int64_t(ClipPolicy::Fixed))
+    TORCH_CHECK(args[7] >= 1 && args[7] == std::floor(args[7]) && args[7] < 2147483648.0,
+                "gradclip_cuda: a clipping policy's buffer size must be a whole number >= 1, got ", args[7]);
+  if (policy == int64_t(ClipPolicy::AutoClip))
+    TORCH_CHECK(a.q >= 0 && a.q <= 1, "gradclip_cuda: AutoClip's quantile must be in [0, 1], got ", a.q);
   const int64_t data = policy == int64_t(ClipPolicy::AutoClip) ? 2 * a.size : policy == int64_t(ClipPolicy::ZClip) ? a.size : 0;
   TORCH_CHECK(state.scalar_type() == at::kDouble && state.dim() == 1 && state.is_contiguous() &&
                   state.numel() == kStateData + data,
@@ -463,6 +456,11 @@ void check_policy_state(const at::Tensor& state, const at::Tensor& total, int64_
               "gradclip_cuda: clip_policy_step_ takes a floating-point total of one value");
   TORCH_CHECK(total.device() == state.device(), "gradclip_cuda: the total and the policy state are on ",
               total.device(), " and ", state.device());
+  if (state.is_cpu()) {  // on a device, reading it would be a host sync
+    const double count = state.data_ptr<double>()[kStateCount];
+    TORCH_CHECK(count >= 0 && count < 9007199254740992.0 && count == std::floor(count),
+                "gradclip_cuda: a clipping policy's state holds a count of ", count);
+  }
 }
 
 at::Tensor clip_policy_step_cpu(const at::Tensor& state, const at::Tensor& total, int64_t policy,

@@ -12,7 +12,9 @@
 // Decision: the table travels in the kernel parameters (like the clip kernels' tables), not in device memory, so a
 // call needs no host-to-device copy and is capturable in a CUDA graph. A very long unit (a one-dimensional tensor of
 // millions of elements) is reduced by one block; for the parameter sets AGC is used on (convolution and linear
-// weights, whose units are rows of at most a few thousand elements) a block per unit keeps every SM busy.
+// weights, whose units are rows of at most a few thousand elements) a block per unit keeps every SM busy. Units of
+// one element per segment (unit_axis=-1 on a linear weight: inner = 1) leave all but one thread idle; to revisit with
+// a GPU profile.
 #include "cuda/clip_cuda.h"
 
 #include "cuda/device.cuh"
@@ -55,7 +57,7 @@ struct AgcArgs {
 };
 
 static_assert(sizeof(AgcSlot) == 56 && sizeof(AgcSlot) % 8 == 0, "AgcSlot layout");
-constexpr int kAgcLargeSlots = 560;  // 31,432 bytes of parameters: drivers of CUDA 12.1 and newer
+constexpr int kAgcLargeSlots = 560;  // 31,392 bytes of parameters: drivers of CUDA 12.1 and newer
 constexpr int kAgcSmallSlots = 64;   // 3,616 bytes: older drivers
 static_assert(param_bytes<AgcTable<kAgcLargeSlots>, AgcArgs>() <= kMaxParamBytes, "AGC table over 32,764 bytes");
 static_assert(param_bytes<AgcTable<kAgcSmallSlots>, AgcArgs>() <= kMaxParamBytesOldDriver, "AGC table over 4 KB");
@@ -141,7 +143,6 @@ void launch_agc(std::vector<AgcSlot>& slots, const AgcArgs& args, NormKind kind,
   const void* fn = agc_fn<N>(kind);
   size_t i = 0;
   while (i < slots.size()) {
-    TORCH_CHECK(slots[i].units <= INT_MAX, "gradclip_cuda: a gradient of more than 2^31 - 1 AGC units");
     AgcTable<N> tab{};
     int64_t units = 0;
     int32_t n = 0;
@@ -163,33 +164,19 @@ void launch_agc(std::vector<AgcSlot>& slots, const AgcArgs& args, NormKind kind,
 
 void adaptive_clip_grad_cuda(at::TensorList grads, at::TensorList params, double clip_factor, double eps, double p,
                              int64_t unit_axis) {
-  const AgcCheck check = check_agc(grads, params, unit_axis);
-  if (grads.empty()) return;
+  AgcInputs in = prepare_agc(grads, params, unit_axis);
+  if (in.items.empty()) return;
   c10::cuda::CUDAGuard guard(grads[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grads[0].device().index()).stream();
   std::vector<AgcSlot> slots;
-  std::vector<std::pair<at::Tensor, at::Tensor>> back;  // gradients processed through contiguous copies
-  std::vector<at::Tensor> keep;                         // parameters read through contiguous copies
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (grads[i].numel() == 0) continue;
-    at::Tensor g = grads[i], w = params[i];
-    if (!g.is_contiguous()) {
-      back.emplace_back(g, g.contiguous());
-      g = back.back().second;
-    }
-    if (!w.is_contiguous()) {
-      keep.push_back(w.contiguous());
-      w = keep.back();
-    }
-    const UnitShape s = check.shapes[i];
-    slots.push_back({g.data_ptr(), w.data_ptr(), s.outer, s.units, s.inner, 0,
-                     static_cast<uint32_t>(dtype_of(g.scalar_type())), static_cast<uint32_t>(dtype_of(w.scalar_type()))});
-  }
-  if (slots.empty()) return;
+  for (const auto& it : in.items)
+    slots.push_back({it.grad.data_ptr(), it.param.data_ptr(), it.shape.outer, it.shape.units, it.shape.inner, 0,
+                     static_cast<uint32_t>(dtype_of(it.grad.scalar_type())),
+                     static_cast<uint32_t>(dtype_of(it.param.scalar_type()))});
   const AgcArgs args{p, clip_factor, eps};
   if (driver_version() >= kLargeParamsDriver) launch_agc<kAgcLargeSlots>(slots, args, norm_kind(p), stream);
   else launch_agc<kAgcSmallSlots>(slots, args, norm_kind(p), stream);
-  for (auto& [original, copy] : back) original.copy_(copy);
+  finish_agc(in);
   bump_versions(grads);
 }
 

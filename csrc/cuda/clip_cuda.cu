@@ -612,9 +612,9 @@ at::Tensor device_values(at::TensorList xs, const at::Tensor& v, const char* wha
 }
 
 void scale_with(at::TensorList xs, const at::Tensor& values, double max_norm, double eps, bool direct) {
+  const at::Tensor t = device_values(xs, values, direct ? "coef" : "total_norm");
   Call c(xs, {false, 2.0, true});
   if (c.launches->plan_chunks == 0) return;
-  const at::Tensor t = device_values(xs, values, direct ? "coef" : "total_norm");
   const DType dt = dtype_of(t.scalar_type());
   launch_scale(c, {t.data_ptr(), max_norm, eps, dt, dt == DType::F64, t.numel() > 1, direct});
   finish_writes(c.plan);

@@ -369,33 +369,45 @@ def clip_grad_norm_(xs: list[torch.Tensor], max_norm: float, p: float, eps: floa
     return total
 
 
-_agc_tables: collections.OrderedDict = collections.OrderedDict()  # key -> (tensors, unit_tensor, n_units)
+_agc_tables: collections.OrderedDict = collections.OrderedDict()  # key -> [tensors, unit_tensor, n_units, pinned]
 
 
 def _agc_table(grads, params, unit_axis: int, device):
-    """AGC's table (kernels.agc_kernel), cached for the last CACHE_SIZE sets like the chunk tables."""
+    """AGC's table (kernels.agc_kernel), cached for the last CACHE_SIZE sets like the chunk tables, with their rules:
+    a table used under CUDA graph capture is pinned for the life of the process (the graph's launches read it);
+    one read on a stream other than the default one is recorded on it."""
     key = (tuple((g.data_ptr(), w.data_ptr(), tuple(g.shape), g.dtype, w.dtype) for g, w in zip(grads, params)),
            unit_axis, device)
-    hit = _agc_tables.get(key)
-    if hit is not None:
+    capturing = _capturing(device)
+    entry = _agc_tables.get(key)
+    if entry is not None:
         _agc_tables.move_to_end(key)
-        return hit
-    if _capturing(device):
-        raise RuntimeError(CAPTURE_ERROR.format("build the AGC table of a new set of gradients"))
-    rows, counts, base = [], [], 0
-    for g, w in zip(grads, params):
-        outer, units, inner = _ops.unit_shape(tuple(g.shape), unit_axis)
-        rows.append([g.data_ptr(), w.data_ptr(), outer, units, inner, _CODES[g.dtype] | (_CODES[w.dtype] << 2), base,
-                     g.element_size() | (w.element_size() << 8)])
-        counts.append(units)
-        base += units
-    tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1)
-    unit_tensor = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
-    entry = (tensors.to(device), unit_tensor.to(device), base)
-    _agc_tables[key] = entry
-    while len(_agc_tables) > CACHE_SIZE:
-        _agc_tables.popitem(last=False)
-    return entry
+    else:
+        if capturing:
+            raise RuntimeError(CAPTURE_ERROR.format("build the AGC table of a new set of gradients"))
+        rows, counts, base = [], [], 0
+        for g, w in zip(grads, params):
+            outer, units, inner = _ops.unit_shape(tuple(g.shape), unit_axis)
+            rows.append([g.data_ptr(), w.data_ptr(), outer, units, inner, _CODES[g.dtype] | (_CODES[w.dtype] << 2),
+                         base, g.element_size() | (w.element_size() << 8)])
+            counts.append(units)
+            base += units
+        tensors = torch.tensor(rows, dtype=torch.int64).reshape(-1)
+        unit_tensor = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
+        if device.type == "cuda":  # pinned: the copy does not block the host; on the current stream, as the launch
+            tensors, unit_tensor = (t.pin_memory().to(device, non_blocking=True) for t in (tensors, unit_tensor))
+        else:
+            tensors, unit_tensor = tensors.to(device), unit_tensor.to(device)
+        entry = _agc_tables[key] = [tensors, unit_tensor, base, False]
+        unpinned = [k for k, e in _agc_tables.items() if not e[3]]
+        for k in unpinned[:max(0, len(unpinned) - CACHE_SIZE)]:
+            del _agc_tables[k]
+    if capturing:
+        entry[3] = True
+    elif device.type == "cuda" and torch.cuda.current_stream(device) != torch.cuda.default_stream(device):
+        for t in entry[:2]:
+            t.record_stream(torch.cuda.current_stream(device))
+    return entry[0], entry[1], entry[2]
 
 
 @_op("adaptive_clip_grad_", _ops.FAKES["adaptive_clip_grad_"], mutates=("grads",))
