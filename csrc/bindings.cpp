@@ -65,7 +65,7 @@ py::dict build_info() {
   return d;
 }
 
-enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3 };
+enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3, NormEach = 4 };
 
 // The compiled kernels of one device type, for the fast path.
 struct Kernels {
@@ -213,8 +213,8 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
 // (grads_of: their `.grad`, Nones skipped) or of tensors, all on one device whose type is in `devices` (1: CPU,
 // 2: CUDA). Returns None when the fast path does not apply (nothing to do, several devices, a device not asked for,
 // a tensor subclass, an unsupported dtype or layout, a total on another device): the caller then takes the general
-// path through the ops, which raises the proper errors. a, b: max_norm and p (clip), max_norm (scale), p (norm), the
-// clip value (value); eps: the coefficient's epsilon (scale, clip).
+// path through the ops, which raises the proper errors. a, b: max_norm and p (clip), max_norm (scale), p (norm, and
+// NormEach: the per-tensor norms), the clip value (value); eps: the coefficient's epsilon (scale, clip).
 py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, double b,
                 std::optional<at::Tensor> total, double eps) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
@@ -254,6 +254,7 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
     py::gil_scoped_release nogil;
     switch (static_cast<FastOp>(op)) {
       case FastOp::Norm: result = std::get<0>(k.norm(ts, a, false)); break;
+      case FastOp::NormEach: result = std::get<1>(k.norm(ts, a, true)); break;
       case FastOp::Scale: k.scale(ts, total.value(), a, eps); break;
       case FastOp::Clip: result = k.clip(ts, a, b, eps); break;
       case FastOp::Value: k.value(ts, a); break;

@@ -46,7 +46,7 @@ _OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_
 _TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_, _ops.mul_torch_,
                _ops.agc_torch_)
 _COMPILED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-_NORM, _SCALE, _CLIP, _VALUE = 0, 1, 2, 3  # operations of _C.fast
+_NORM, _SCALE, _CLIP, _VALUE, _NORM_EACH = 0, 1, 2, 3, 4  # operations of _C.fast
 _CPU, _CUDA = 1, 2  # device types of _C.fast
 
 
@@ -238,9 +238,23 @@ def _eps(v) -> float:
     return _number("eps", v, allow_negative=False, what="a non-negative number")
 
 
-def _scale(groups: dict, total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> None:
+def _scale(groups: dict, total: torch.Tensor, max_norm: float, eps: float = 1e-6, backend: str = "auto") -> None:
+    devices = _fast(backend)
     for (device, _), (impl, ts) in groups.items():
-        impl.scale(ts, total if total.device == device else total.to(device), max_norm, eps)
+        t = total if total.device == device else total.to(device)
+        if impl is _OPS and devices and _ops.C.fast(ts, False, devices, _SCALE, max_norm, 0.0, t, eps) is not None:
+            continue  # the compiled kernel without the dispatcher's conversion of the list
+        impl.scale(ts, t, max_norm, eps)
+
+
+def each_norm(impl, ts, p: float, backend: str = "auto") -> torch.Tensor:
+    """The per-tensor norms of one device group (the compiled kernel directly where it applies)."""
+    devices = _fast(backend)
+    if impl is _OPS and devices:
+        each = _ops.C.fast(ts, False, devices, _NORM_EACH, p)
+        if each is not None:
+            return each
+    return impl.norm(ts, p, True)[1]
 
 
 def multiply_(groups: dict, coef: torch.Tensor) -> None:
@@ -300,7 +314,7 @@ def clip_grads_with_norm_(parameters, max_norm: float, total_norm: torch.Tensor,
     with torch.no_grad():
         grads = [_dist.local(p.grad) for p in params if p.grad is not None]
         if grads:
-            _scale(_groups(grads, foreach, backend, writes=True), total, max_norm, eps)
+            _scale(_groups(grads, foreach, backend, writes=True), total, max_norm, eps, backend)
 
 
 def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -344,7 +358,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
                                                         process_group=process_group, pp_group=pp_group)
             if error_if_nonfinite:
                 _check_finite(total, p)
-            _scale(groups, acc, max_norm, eps)
+            _scale(groups, acc, max_norm, eps, backend)
             return _dist.wrap(total, mesh)
         if not grads:
             return torch.tensor(0.0)
@@ -355,7 +369,7 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         total = _total(groups, p)
         if error_if_nonfinite:
             _check_finite(total, p)
-        _scale(groups, total, max_norm, eps)
+        _scale(groups, total, max_norm, eps, backend)
         return total
 
 

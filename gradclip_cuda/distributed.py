@@ -233,7 +233,7 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     fast = None if skip_empty else _fast_plan(grads, process_group)
     if fast is not None:
         plan, runs, locals_ = fast
-        return _reduce(plan, locals_, api._groups(locals_, foreach, backend), p, pps, runs=runs)
+        return _reduce(plan, locals_, api._groups(locals_, foreach, backend), p, pps, runs=runs, backend=backend)
     plan, kidx, locals_ = _plan(grads, process_group)
     if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
         _ops.check_tensors(locals_, 2.0)
@@ -251,7 +251,7 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     if writes and len(groups) > 1:  # overlapping gradients across device groups, before the first op writes
         for _, ts in groups.values():
             _ops.check_overlaps(ts)
-    return _reduce(plan, locals_, groups, p, pps, kidx=kidx)
+    return _reduce(plan, locals_, groups, p, pps, kidx=kidx, backend=backend)
 
 
 def _runs(ks):
@@ -265,10 +265,11 @@ def _runs(ks):
     return out
 
 
-def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None):
+def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto"):
     """The rest of total_norm: one norm launch per device group of local shards (per-tensor norms), each key's
     un-finalised partial, one all-reduce per distinct group, the keys and pipeline stages combined. ``runs``: the
     (key, count) runs of the shards as ``groups`` holds them (one group); else ``kidx``, each shard's key."""
+    from . import api
     skip_empty = math.isinf(p) or p < 0
     dev = _comm_device(plan, locals_, plan.groups + pps)
     single = len(plan.keys) == 1
@@ -282,7 +283,7 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None):
         xs = [t for t in ts if t.numel()] if skip_empty else ts
         if not xs:
             continue
-        each = impl.norm(xs, p, True)[1]
+        each = api.each_norm(impl, xs, p, backend)
         dtypes.append(each)
         each = each.to(device=dev, dtype=torch.float64)
         if runs is not None:
