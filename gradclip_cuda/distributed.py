@@ -367,4 +367,28 @@ def wrap(total: torch.Tensor, mesh) -> torch.Tensor:
     if mesh is None:
         return total
     from torch.distributed.tensor import DTensor, Replicate
+    spec = _replicated_spec(mesh, total.dtype)
+    if spec is not None and not total.requires_grad:
+        try:  # DTensor's own constructor with a cached spec: from_local costs an autograd Function call per step
+            return DTensor(total, spec, requires_grad=False)
+        except TypeError:  # a torch whose constructor differs
+            _specs[(id(mesh), total.dtype)] = None
     return DTensor.from_local(total, mesh, [Replicate()] * mesh.ndim, run_check=False)
+
+
+_specs: dict = {}  # (id(mesh), dtype) -> the spec of a replicated 0-d total on that mesh (None: not available)
+
+
+def _replicated_spec(mesh, dtype):
+    key = (id(mesh), dtype)
+    spec = _specs.get(key, False)
+    if spec is False or (spec is not None and spec.mesh is not mesh):  # new, or a recycled id
+        try:
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+            spec = DTensorSpec(mesh, (Replicate(),) * mesh.ndim,
+                               tensor_meta=TensorMeta(torch.Size([]), (), dtype))
+        except (ImportError, TypeError):
+            spec = None
+        _specs[key] = spec
+    return spec
