@@ -276,7 +276,7 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
     key_of = {} if single or runs is not None else {id(t): k for t, k in zip(locals_, kidx)}
     # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
     contributions: list = [[] for _ in plan.keys]
-    dtypes = []  # of each norm's output: torch's result dtype of that device's shards
+    outputs = []  # each norm's output, in torch's result dtype of that device's shards
     for impl, ts in groups.values():
         if not single and runs is None:
             ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
@@ -284,7 +284,7 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
         if not xs:
             continue
         each = api.each_norm(impl, xs, p, backend)
-        dtypes.append(each)
+        outputs.append(each)
         each = each.to(device=dev, dtype=torch.float64)
         if runs is not None:
             segments = runs
@@ -352,8 +352,8 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
         total64 = combined.sqrt()
     else:
         total64 = combined.pow(1.0 / p)
-    if dtypes and not skip_empty:
-        dtype = _ops.result_dtype(dtypes)  # every shard went through a norm
+    if outputs and not skip_empty:
+        dtype = _ops.result_dtype(outputs)  # every shard went through a norm
     else:
         dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
     out_dev = locals_[0].device if locals_ else dev

@@ -325,36 +325,30 @@ def multi_tensor_norm(xs: list[torch.Tensor], p: float, per_tensor: bool = False
     return total, each
 
 
-def _values(xs, v: torch.Tensor, what: str, device) -> torch.Tensor:
-    """A total or coefficient tensor (one value, or one per tensor) on the device, flat, in a dtype the kernels
-    read."""
-    _ops.check_coefficients(xs, v, what)
-    v = v.to(device).reshape(-1)
-    return v if v.dtype in _CODES else v.double()
+def _scale_by(xs, values: torch.Tensor, what: str, max_norm: float, eps: float, direct: bool) -> None:
+    """The body of multi_tensor_scale_ (values: totals) and multi_tensor_mul_ (direct: coefficients): one value, or
+    one per tensor, on the device in a dtype the kernels read; one scale launch."""
+    _ops.check_coefficients(xs, values, what)
+    device = xs[0].device
+    with _guard(device):
+        v = values.to(device).reshape(-1)
+        v = v if v.dtype in _CODES else v.double()
+        capturing = _capturing(device)
+        dense, back, key = _prepare(xs, None, capturing)
+        t = _entry(dense, writes=True, capturing=capturing, key=key)
+        _scale(t, v, v.dtype == torch.float64 and not direct, max_norm, eps, per_tensor=v.numel() > 1,
+               direct=direct)
+        _write_back(back)
 
 
 @_op("multi_tensor_scale_", _ops.FAKES["multi_tensor_scale_"], mutates=("xs",))
 def multi_tensor_scale_(xs: list[torch.Tensor], total: torch.Tensor, max_norm: float, eps: float = 1e-6) -> None:
-    device = xs[0].device
-    with _guard(device):
-        total = _values(xs, total, "total_norm", device)
-        capturing = _capturing(device)
-        dense, back, key = _prepare(xs, None, capturing)
-        t = _entry(dense, writes=True, capturing=capturing, key=key)
-        _scale(t, total, total.dtype == torch.float64, max_norm, eps, per_tensor=total.numel() > 1)
-        _write_back(back)
+    _scale_by(xs, total, "total_norm", max_norm, eps, direct=False)
 
 
 @_op("multi_tensor_mul_", _ops.FAKES["multi_tensor_mul_"], mutates=("xs",))
 def multi_tensor_mul_(xs: list[torch.Tensor], coef: torch.Tensor) -> None:
-    device = xs[0].device
-    with _guard(device):
-        coef = _values(xs, coef, "coef", device)
-        capturing = _capturing(device)
-        dense, back, key = _prepare(xs, None, capturing)
-        t = _entry(dense, writes=True, capturing=capturing, key=key)
-        _scale(t, coef, False, 1.0, per_tensor=coef.numel() > 1, direct=True)
-        _write_back(back)
+    _scale_by(xs, coef, "coef", 1.0, 1e-6, direct=True)
 
 
 @_op("clip_grad_norm_", _ops.FAKES["clip_grad_norm_"], mutates=("xs",))
