@@ -5,6 +5,7 @@
 #include <torch/version.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cstring>
 #include <memory>
 #include <optional>
 #include <utility>
@@ -65,7 +66,7 @@ py::dict build_info() {
   return d;
 }
 
-enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3, NormEach = 4 };
+enum class FastOp : int { Norm = 0, Scale = 1, Clip = 2, Value = 3, NormEach = 4, Partials = 5 };
 
 // The compiled kernels of one device type, for the fast path.
 struct Kernels {
@@ -73,11 +74,13 @@ struct Kernels {
   void (*scale)(at::TensorList, const at::Tensor&, double, double);
   at::Tensor (*clip)(at::TensorList, double, double, double);
   void (*value)(at::TensorList, double);
+  at::Tensor (*partials)(at::TensorList, double);
 };
-constexpr Kernels kCpuKernels{multi_tensor_norm_cpu, multi_tensor_scale_cpu, clip_grad_norm_cpu, clip_grad_value_cpu};
+constexpr Kernels kCpuKernels{multi_tensor_norm_cpu, multi_tensor_scale_cpu, clip_grad_norm_cpu, clip_grad_value_cpu,
+                              multi_tensor_partials_cpu};
 #ifdef GRADCLIP_WITH_CUDA
 constexpr Kernels kCudaKernels{multi_tensor_norm_cuda, multi_tensor_scale_cuda, clip_grad_norm_cuda,
-                               clip_grad_value_cuda};
+                               clip_grad_value_cuda, multi_tensor_partials_cuda};
 #endif
 
 // A tensor the compiled kernels take as it is, on `device` (the first tensor's device when it is undefined).
@@ -93,6 +96,32 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
          (st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble) &&
          !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has_any(c10::python_ks);
 }
+
+// The tensors of a Python list, held for one call without touching their reference counts. Taking a count on a
+// tensor that has a Python object, and dropping it, costs a GIL round trip in torch's bookkeeping of that object
+// (about 0.1 us a tensor: a third of the host time of a CPU pass over thousands of small tensors). The Python
+// objects the caller passed own the tensors meanwhile, which is safe while this thread holds the GIL: no other
+// thread can drop a `.grad`. `owned()` gives counted references for a pass that releases the GIL.
+class Borrowed {
+ public:
+  explicit Borrowed(size_t n) { ts_.reserve(n); }
+  Borrowed(const Borrowed&) = delete;
+  Borrowed& operator=(const Borrowed&) = delete;
+  ~Borrowed() {
+    for (auto& t : ts_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void add(const at::Tensor& t) { ts_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t)); }
+  bool empty() const { return ts_.empty(); }
+  at::TensorList list() const { return ts_; }
+  std::vector<at::Tensor> owned() const { return {ts_.begin(), ts_.end()}; }
+
+ private:
+  std::vector<at::Tensor> ts_;
+};
+
+// A pass over at least this many elements releases the GIL (taking counted references first): on a CPU it runs for
+// a millisecond or more. Shorter passes keep it, and the borrowed references.
+constexpr int64_t kReleaseGilElems = int64_t(1) << 22;
 
 // Whether o is a tensor (torch.Tensor or a subclass), by its type's MRO: THPVariable_Check goes through the tensor
 // metaclass's __instancecheck__ for subclasses (a Python call: DTensor parameters).
@@ -114,6 +143,22 @@ py::object plain_device(py::handle seq) {
   }
   if (n == 0) return py::none();
   return py::cast(device);
+}
+
+// torch's dtype for a total norm of the tensors of `seq` (a list or tuple): their promoted dtype, its real
+// counterpart for complex; None when an element is not a tensor or the list is empty.
+py::object result_dtype(py::handle seq) {
+  if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  if (n == 0) return py::none();
+  at::ScalarType st = at::ScalarType::Undefined;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!is_tensor(items[i])) return py::none();
+    const at::ScalarType t = THPVariable_Unpack(items[i]).scalar_type();
+    st = i == 0 ? t : c10::promoteTypes(st, t);
+  }
+  return py::cast(c10::toRealValueType(st));
 }
 
 // The `.grad` of each parameter of `seq` (a list or tuple of tensors), Nones left out, read in C++: for tensor
@@ -149,13 +194,13 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
   std::vector<std::vector<py::object>> members;
-  std::vector<std::pair<PyObject*, int>> specs;  // specs seen (the gradients of a model share a few), and their slot
+  std::vector<std::pair<py::object, int>> specs;  // specs seen (the gradients of a model share a few), and their slot
   int plain = -1, last = -1;
+  if (!PyType_Check(dtensor_cls.ptr())) return py::none();
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* g = items[i];
     if (g == Py_None) continue;
     if (!is_tensor(g)) return py::none();
-    if (!PyType_Check(dtensor_cls.ptr())) return py::none();
     const bool is_dt = PyType_IsSubtype(Py_TYPE(g), reinterpret_cast<PyTypeObject*>(dtensor_cls.ptr()));
     int slot = -1;
     py::object local;
@@ -164,8 +209,8 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
       py::object spec = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
       if (!local || !spec) throw py::error_already_set();
       if (!is_tensor(local.ptr())) return py::none();
-      for (const auto& [ptr, j] : specs)
-        if (ptr == spec.ptr()) slot = j;
+      for (const auto& [seen, j] : specs)
+        if (seen.ptr() == spec.ptr()) slot = j;
       if (slot < 0) {
         py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_mesh));
         py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_placements));
@@ -185,8 +230,8 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
           uniques.emplace_back(mesh, pl);
           members.emplace_back();
         }
-        // Kept alive by the gradient that holds it (in `seq`) for the rest of this call; a bounded list.
-        if (specs.size() < 16) specs.emplace_back(spec.ptr(), slot);
+        // A bounded list: the gradients of a model share a handful of specs.
+        if (specs.size() < 16) specs.emplace_back(spec, slot);
       }
       last = slot;
     } else {
@@ -214,18 +259,20 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
 // 2: CUDA). Returns None when the fast path does not apply (nothing to do, several devices, a device not asked for,
 // a tensor subclass, an unsupported dtype or layout, a total on another device): the caller then takes the general
 // path through the ops, which raises the proper errors. a, b: max_norm and p (clip), max_norm (scale), p (norm, and
-// NormEach: the per-tensor norms), the clip value (value); eps: the coefficient's epsilon (scale, clip).
+// NormEach: the per-tensor norms; Partials: each tensor's un-finalised partial in float64), the clip value (value);
+// eps: the coefficient's epsilon (scale, clip).
 py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, double b,
                 std::optional<at::Tensor> total, double eps) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
   PyObject* fast = seq.ptr();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
   PyObject** items = PySequence_Fast_ITEMS(fast);
-  std::vector<at::Tensor> ts;
-  ts.reserve(n);
+  Borrowed ts(n);
+  int64_t elems = 0;
   static PyObject* const parameter = py::object(py::module_::import("torch.nn").attr("Parameter")).release().ptr();
   c10::Device device(c10::DeviceType::Meta);
   for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
     PyObject* o = items[i];
     // Exactly torch.Tensor or torch.nn.Parameter: a subclass may override `.grad` or dispatch.
     if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(THPVariableClass) &&
@@ -236,10 +283,12 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
       const at::Tensor& g = v.grad();
       if (!g.defined()) continue;
       if (!plain_tensor(g, device)) return py::none();
-      ts.push_back(g);
+      ts.add(g);
+      elems += g.numel();
     } else {
       if (!plain_tensor(v, device)) return py::none();
-      ts.push_back(v);
+      ts.add(v);
+      elems += v.numel();
     }
   }
   if (ts.empty() || !(devices & (device.is_cpu() ? 1 : 2))) return py::none();
@@ -250,14 +299,19 @@ py::object fast(py::handle seq, bool grads_of, int devices, int op, double a, do
 #endif
       kCpuKernels;
   at::Tensor result;
+  const bool release = elems >= kReleaseGilElems;
+  const std::vector<at::Tensor> owned = release ? ts.owned() : std::vector<at::Tensor>();  // dropped with the GIL
+  const at::TensorList list = release ? at::TensorList(owned) : ts.list();
   {
-    py::gil_scoped_release nogil;
+    std::optional<py::gil_scoped_release> nogil;
+    if (release) nogil.emplace();
     switch (static_cast<FastOp>(op)) {
-      case FastOp::Norm: result = std::get<0>(k.norm(ts, a, false)); break;
-      case FastOp::NormEach: result = std::get<1>(k.norm(ts, a, true)); break;
-      case FastOp::Scale: k.scale(ts, total.value(), a, eps); break;
-      case FastOp::Clip: result = k.clip(ts, a, b, eps); break;
-      case FastOp::Value: k.value(ts, a); break;
+      case FastOp::Norm: result = std::get<0>(k.norm(list, a, false)); break;
+      case FastOp::NormEach: result = std::get<1>(k.norm(list, a, true)); break;
+      case FastOp::Scale: k.scale(list, total.value(), a, eps); break;
+      case FastOp::Clip: result = k.clip(list, a, b, eps); break;
+      case FastOp::Value: k.value(list, a); break;
+      case FastOp::Partials: result = k.partials(list, a); break;
     }
   }
   if (result.defined()) return py::cast(result);
@@ -335,25 +389,62 @@ py::dict chunk_visits(uint64_t addr, int64_t n, int elem_size, int threads) {
   return d;
 }
 
-// What identifies a set of tensors for the Triton path's cached chunk table: each tensor's address, size and dtype,
+// What identifies a set of tensors for the Triton path's cached chunk table: a 64-bit hash of the rest (8 bytes, so
+// that a lookup need not hash the whole key: gradclip_cuda/triton, _Key), each tensor's address, size and dtype,
 // and the device; its last byte is 1 when every tensor is dense (non-overlapping and dense: the Triton kernels take
 // it in place), so the caller needs no per-tensor pass of its own for that. Runs the plan's checks (torch's errors)
 // on the way, so a bad list raises before any kernel runs.
-py::bytes tensor_key(const std::vector<at::Tensor>& xs, bool norm, double p) {
+py::bytes tensor_key(py::handle seq, bool norm, double p) {
+  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "tensor_key takes a list or tuple of tensors");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  Borrowed borrowed(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
+    TORCH_CHECK_TYPE(is_tensor(items[i]), "tensor_key: element ", i, " is not a tensor");
+    borrowed.add(THPVariable_Unpack(items[i]));
+  }
+  const at::TensorList xs = borrowed.list();
   const Plan plan = make_plan(xs, 0, {norm, p});
-  std::string key;
-  key.reserve(plan.tensors.size() * 17 + 2);
+  std::string key(sizeof(uint64_t), '\0');  // room for the hash
+  key.reserve(sizeof(uint64_t) + plan.tensors.size() * 17 + 3);
+  uint64_t h = 0x9e3779b97f4a7c15ull;
+  auto mix = [&h](uint64_t v) {
+    h = (h ^ v) * 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+  };
   for (const TensorRef& t : plan.tensors) {
     key.append(reinterpret_cast<const char*>(&t.data), sizeof(t.data));
     key.append(reinterpret_cast<const char*>(&t.numel), sizeof(t.numel));
     key.push_back(static_cast<char>(t.dtype));
+    mix(reinterpret_cast<uintptr_t>(t.data));
+    mix(static_cast<uint64_t>(t.numel) << 8 | static_cast<uint64_t>(t.dtype));
   }
   if (!xs.empty()) {
     key.push_back(static_cast<char>(xs[0].device().type()));
     key.push_back(static_cast<char>(xs[0].device().index()));
+    mix(static_cast<uint64_t>(xs[0].device().type()) << 8 | static_cast<uint8_t>(xs[0].device().index()));
   }
   key.push_back(static_cast<char>(plan.copies.empty() ? 1 : 0));
+  mix(plan.copies.empty() ? 1 : 0);
+  std::memcpy(key.data(), &h, sizeof(h));
   return py::bytes(key);
+}
+
+// Tells autograd that the tensors of `seq` (a list or tuple) changed, as the dispatcher does after an in-place op:
+// one C++ pass with borrowed references (torch._C._increment_version converts the list, two reference-count
+// round trips a tensor).
+void bump_versions_of(py::handle seq) {
+  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "bump_versions takes a list or tuple of tensors");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  Borrowed borrowed(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
+    TORCH_CHECK_TYPE(is_tensor(items[i]), "bump_versions: element ", i, " is not a tensor");
+    borrowed.add(THPVariable_Unpack(items[i]));
+  }
+  bump_versions(borrowed.list());
 }
 
 py::dict last_cuda_call_info() {
@@ -377,12 +468,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grads_of", &gradclip::grads_of, py::arg("seq"), "the defined .grad of each parameter, or None");
   m.def("dtensor_locals", &gradclip::dtensor_locals, py::arg("seq"), py::arg("dtensor_cls"),
         "local shards of DTensor gradients grouped by (mesh, placements): (locals, runs, uniques), or None");
+  m.def("result_dtype", &gradclip::result_dtype, py::arg("seq"),
+        "torch's dtype for a total norm of a list of tensors, or None");
   m.def("plain_device", &gradclip::plain_device, py::arg("seq"),
         "the one device of a list of tensors the compiled kernels take as they are, else None");
   m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),
         py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none(), py::arg("eps") = 1e-6);
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
         py::arg("chunk_elems"), py::arg("capacity"));
+  m.def("bump_versions", &gradclip::bump_versions_of, py::arg("seq"),
+        "bump the version counter of every tensor of a list (after an in-place pass)");
   m.def("tensor_key", &gradclip::tensor_key, py::arg("xs"), py::arg("norm"), py::arg("p"));
   m.def("cpu_kernel_isa", &gradclip::cpu_kernel_isa, "which build of the CPU inner loops runs: avx2 or generic");
   m.def("last_cuda_call", &gradclip::last_cuda_call_info, "launches, fused, cached of this thread's last CUDA call");

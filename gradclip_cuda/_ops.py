@@ -60,6 +60,10 @@ _REAL = {torch.complex32: torch.float16, torch.complex64: torch.float32, torch.c
 
 def result_dtype(xs) -> torch.dtype:
     """torch's dtype for a total norm of ``xs``: their promoted dtype (its real counterpart for complex)."""
+    if C is not None and isinstance(xs, (list, tuple)) and not torch.compiler.is_compiling():
+        dtype = C.result_dtype(xs)  # a C++ loop: thousands of tensors' .dtype cost a Python pass otherwise
+        if dtype is not None:
+            return dtype
     dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
     return _REAL.get(dtype, dtype)
 

@@ -46,7 +46,7 @@ _OPS = _Impl(ops.multi_tensor_norm, ops.multi_tensor_scale_, ops.clip_grad_norm_
 _TORCH = _Impl(_ops.norm_torch, _ops.scale_torch_, _ops.clip_torch_, _ops.value_torch_, _ops.mul_torch_,
                _ops.agc_torch_)
 _COMPILED_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16, torch.float64))
-_NORM, _SCALE, _CLIP, _VALUE, _NORM_EACH = 0, 1, 2, 3, 4  # operations of _C.fast
+_NORM, _SCALE, _CLIP, _VALUE, _PARTIALS = 0, 1, 2, 3, 5  # operations of _C.fast
 _CPU, _CUDA = 1, 2  # device types of _C.fast
 
 
@@ -247,14 +247,17 @@ def _scale(groups: dict, total: torch.Tensor, max_norm: float, eps: float = 1e-6
         impl.scale(ts, t, max_norm, eps)
 
 
-def each_norm(impl, ts, p: float, backend: str = "auto") -> torch.Tensor:
-    """The per-tensor norms of one device group (the compiled kernel directly where it applies)."""
+def each_partial(impl, ts, p: float, backend: str = "auto") -> torch.Tensor:
+    """Each tensor's un-finalised partial of the p-norm, in float64 on the group's device: sum |x|^p for finite p,
+    max |x| (inf), min |x| (-inf), the nonzero count (p = 0). From the compiled kernel where it applies (its float64
+    accumulators: exact for bfloat16 gradients too), else from the per-tensor norms (rounded to their dtype)."""
     devices = _fast(backend)
     if impl is _OPS and devices:
-        each = _ops.C.fast(ts, False, devices, _NORM_EACH, p)
+        each = _ops.C.fast(ts, False, devices, _PARTIALS, p)
         if each is not None:
             return each
-    return impl.norm(ts, p, True)[1]
+    each = impl.norm(ts, p, True)[1].to(torch.float64)
+    return each if p in (0.0, 1.0, math.inf, -math.inf) else each.pow(p)
 
 
 def multiply_(groups: dict, coef: torch.Tensor) -> None:

@@ -10,9 +10,11 @@ Local shards in, one collective per distinct process group, a replicated total o
    dimension every rank holds the same values, so that dimension is left out and the copy is counted once. A plain
    tensor's key is ``(process_group,)`` when that keyword is given, else empty (a replica, as torch treats it).
    Groups of one rank are dropped (nothing to reduce); two groups with the same ranks are one group.
-2. One launch of our norm op per device over all local shards (``per_tensor=True``, shards ordered by key), then,
-   in float64, each key's *un-finalised* partial: the sum of per-tensor norm^p (finite p), their max (inf), their
-   min (-inf), or for p = 0 the vector of per-tensor nonzero counts (torch's total for p = 0 counts the tensors that
+2. One launch of our norm kernel per device over all local shards (shards ordered by key), giving each shard's
+   *un-finalised* partial in float64 (sum of |x|^p; the compiled kernels' own float64 accumulators, so bfloat16
+   shards lose nothing to a rounded per-tensor norm; other backends: the per-tensor norms, raised to p), then each
+   key's partial: the sum of its shards' (finite p), their max (inf), their min (-inf), or for p = 0 the vector of
+   per-tensor nonzero counts (torch's total for p = 0 counts the tensors that
    hold a nonzero element, so the per-tensor counts are reduced before they are counted). Local shards with no
    element are left out of the launch for inf, -inf and p < 0 (their identity); a rank whose shards are all empty
    still joins every collective with that identity.
@@ -189,12 +191,30 @@ def _fast_plan(grads, process_group):
     device = _ops.C.plain_device(locals_)
     if device is None:
         return None
+    plan, keys = _cached_keys(uniques, process_group)
+    return plan, [(keys[u], count) for u, count in runs], locals_
+
+
+_key_cache: dict = {}  # (meshes and placements, process_group) -> (meshes, plan, keys); the last few layouts
+
+
+def _cached_keys(uniques, process_group):
+    """(plan, reduction key of each (mesh, placements) of ``uniques``), cached: a model's gradients keep their
+    meshes and placements from step to step, and resolving the groups costs tens of microseconds a mesh. An entry
+    holds its meshes (so their ids stay theirs) and is used only for the same mesh objects and group."""
+    ck = (tuple((id(m), pl) for m, pl in uniques), id(process_group))
+    hit = _key_cache.get(ck)
+    if hit is not None and all(a is m for a, (m, _) in zip(hit[0], uniques)) and hit[3] is process_group:
+        return hit[1], hit[2]
     plan = _Plan()
     keys = [(_plain_key(plan, process_group) if mesh is None else _dtensor_key(plan, mesh, placements))
             for mesh, placements in uniques]
     if process_group is not None and all(mesh is not None for mesh, _ in uniques):
         _plain_key(plan, process_group)  # no plain tensors here: still join process_group's reduce
-    return plan, [(keys[u], count) for u, count in runs], locals_
+    if len(_key_cache) >= 8:
+        _key_cache.pop(next(iter(_key_cache)))
+    _key_cache[ck] = ([m for m, _ in uniques], plan, keys, process_group)
+    return plan, keys
 
 
 def _op(p: float):
@@ -276,22 +296,17 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
     key_of = {} if single or runs is not None else {id(t): k for t, k in zip(locals_, kidx)}
     # One norm launch per device over that device's shards, ordered by key: each key's shards are one run.
     contributions: list = [[] for _ in plan.keys]
-    outputs = []  # each norm's output, in torch's result dtype of that device's shards
     for impl, ts in groups.values():
         if not single and runs is None:
             ts = sorted(ts, key=lambda t: key_of[id(t)])  # stable: list order within a key
         xs = [t for t in ts if t.numel()] if skip_empty else ts
         if not xs:
             continue
-        each = api.each_norm(impl, xs, p, backend)
-        outputs.append(each)
-        each = each.to(device=dev, dtype=torch.float64)
+        each = api.each_partial(impl, xs, p, backend).to(dev)
         if runs is not None:
             segments = runs
         else:
             segments = [(0, len(xs))] if single else _runs([key_of[id(x)] for x in xs])
-        if p not in (0.0, math.inf, -math.inf) and p != 1.0:
-            each = each.pow(p)
         start = 0
         for k, count in segments:
             seg = each[start:start + count]
@@ -352,10 +367,7 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
         total64 = combined.sqrt()
     else:
         total64 = combined.pow(1.0 / p)
-    if outputs and not skip_empty:
-        dtype = _ops.result_dtype(outputs)  # every shard went through a norm
-    else:
-        dtype = _ops.result_dtype(list({t.dtype: t for t in locals_}.values())) if locals_ else torch.float32
+    dtype = _ops.result_dtype(locals_) if locals_ else torch.float32
     out_dev = locals_[0].device if locals_ else dev
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return total64.to(device=out_dev, dtype=dtype), total64.to(device=out_dev, dtype=acc), groups, plan.mesh

@@ -170,8 +170,16 @@ def s_fsdp_bf16(rank, world):
     _backward(model, ref, dtype=torch.bfloat16)
     params = list(model.parameters())
     assert params[0].grad.dtype == torch.bfloat16
+    refs = [q.grad for q in ref.parameters()]
     for p in (2.0, INF):
-        check_clip(params, [q.grad for q in ref.parameters()], p, collectives=1, expect=_same_full(params))
+        check_clip(params, refs, p, collectives=1, expect=_same_full(params))
+    # The total the coefficient is computed from (float32 for bfloat16 gradients) comes from the kernels' float64
+    # partials: to about float32 precision, where per-shard norms rounded to bfloat16 are off by up to 2**-9 each.
+    from gradclip_cuda import distributed as gdist
+    for p in (2.0, 1.0, 3.0):
+        _, acc, _, _ = gdist.total_norm([q.grad for q in params], p, None, "auto", writes=False)
+        exact = float(torch.linalg.vector_norm(torch.cat([g.double().flatten() for g in refs]), p))
+        assert acc.dtype == torch.float32 and abs(float(acc) - exact) <= 2e-6 * exact, (p, float(acc), exact)
 
 
 class _TwoLayer(torch.nn.Module):
@@ -565,6 +573,37 @@ def _hang_worker(rank, world, port, names, q):
         time.sleep(600)
     q.put((rank, names[0], None))
     _exit(q, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, -1.5, INF, -INF, 0.0])
+def test_each_partial_is_the_float64_partial_of_each_tensor(p, dtype):
+    # What the distributed total reduces across ranks: each tensor's un-finalised partial (sum |x|^p; max, min |x|;
+    # the nonzero count), from the compiled kernels' float64 accumulators, and from per-tensor norms elsewhere.
+    from gradclip_cuda import _ops, api
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(37,), (5, 9), (70_000,), (1,), (300, 7)]
+    xs = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in shapes]
+    xs[1][2] = 0  # a partly-zero tensor for p = 0
+    ref = []
+    for x in xs:
+        a = x.double().abs().flatten()
+        ref.append(a.max() if p == INF else a.min() if p == -INF else (a != 0).sum().double() if p == 0
+                   else a.pow(p).sum())
+    ref = torch.stack(ref)
+    impls = [api._TORCH] + ([api._OPS] if _ops.C is not None else [])
+    for impl in impls:
+        if impl is api._TORCH and p <= 0 and dtype in (torch.float16, torch.bfloat16):
+            continue  # per-tensor norms rounded to the dtype: counts above 65,504 and p < 0 norms overflow it
+        got = api.each_partial(impl, xs, p, "auto")
+        assert got.dtype == torch.float64 and got.shape == (len(xs),)
+        # the compiled kernels keep float32 lanes inside a chunk and float64 across chunks and for the output; the
+        # torch fallback raises per-tensor norms, rounded to the gradients' dtype (bfloat16: 2**-9), to p
+        exact = impl is api._OPS or dtype == torch.float64
+        rtol = 1e-12 if dtype == torch.float64 else 2e-5 if exact else {torch.bfloat16: 2e-2, torch.float16: 3e-3,
+                                                                        torch.float32: 1e-4}[dtype]
+        assert torch.allclose(got, ref, rtol=rtol * max(1.0, abs(p) if math.isfinite(p) else 1.0), atol=0), \
+            (impl, (got - ref).abs().max())
 
 
 def test_launcher_bounds_a_hung_rank():

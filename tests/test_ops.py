@@ -149,3 +149,49 @@ def test_torch_compile_with_inductor(device):
     for q, b in zip(params, before):
         torch.testing.assert_close(q.grad.double(), b.double() * coef, rtol=1e-2 if b.dtype == torch.bfloat16 else 1e-5,
                                    atol=0)
+
+
+# ---- the compiled library's list helpers (borrowed references, no per-tensor Python pass) ----
+
+needs_c = pytest.mark.skipif(_ops.C is None, reason="the compiled library's helpers")
+
+
+@needs_c
+def test_result_dtype_in_cpp_promotes_as_torch():
+    import functools
+    sets = [[torch.float32], [torch.bfloat16, torch.float16], [torch.float16, torch.float64],
+            [torch.bfloat16, torch.complex64], [torch.complex128, torch.float32], [torch.float16] * 3]
+    for dtypes in sets:
+        xs = [torch.zeros(2, dtype=d) for d in dtypes]
+        promoted = functools.reduce(torch.promote_types, dtypes)
+        want = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(promoted, promoted)
+        assert _ops.C.result_dtype(xs) == want == _ops.result_dtype(xs), dtypes
+        assert _ops.C.result_dtype(tuple(xs)) == want
+    assert _ops.C.result_dtype([]) is None and _ops.C.result_dtype([torch.zeros(1), 3.0]) is None
+
+
+@needs_c
+def test_bump_versions_bumps_each_listed_tensor_once_per_listing():
+    xs = [torch.zeros(3), torch.zeros(2, 2), torch.zeros(0)]
+    before = [x._version for x in xs]
+    _ops.C.bump_versions([xs[0], xs[1], xs[0], xs[2]])
+    assert [x._version - b for x, b in zip(xs, before)] == [2, 1, 1]
+    with torch.inference_mode():
+        inf = torch.zeros(2)
+    _ops.C.bump_versions([inf])  # inference tensors have no version counter: left alone, no error
+    with pytest.raises(TypeError):
+        _ops.C.bump_versions([xs[0], "x"])
+
+
+@needs_c
+def test_fast_path_over_the_gil_release_threshold_matches_torch():
+    # 2**22 elements and more: the compiled call takes counted references and releases the GIL (bindings.cpp,
+    # kReleaseGilElems); below, it borrows the Python objects' references. Both give torch's results.
+    for shapes in ([(2**21 + 3,), (2**21,), (7, 5)], [(1000,), (33,)]):
+        ours = make_grads(shapes, [torch.float32], seed=4)
+        ref = make_grads(shapes, [torch.float32], seed=4)
+        total = gc.clip_grad_norm_(ours, 1.0)
+        want = torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        assert_close_rel(total, want, RTOL[torch.float32])
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.grad, b.grad, rtol=2e-6, atol=0)

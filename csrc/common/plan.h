@@ -59,6 +59,17 @@ struct PlanCheck {
   bool writes = false;          // an in-place pass follows: compute the write skips, refuse overlapping tensors
 };
 
+// Starts loading the cache line at p (a hint: no fault, no effect on results). Loops over thousands of small tensors
+// wait on their cold metadata (Python objects, TensorImpl, StorageImpl); they fetch a few tensors ahead.
+inline void prefetch(const void* p) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));  // gcc 12 dropped __builtin_prefetch here
+#else
+  __builtin_prefetch(p);
+#endif
+}
+constexpr size_t kPrefetchAhead = 8;
+
 // Builds the plan for `xs` (at least one tensor); chunk_elems = 0 builds no chunk list (the CUDA launch tables
 // derive chunks from the sizes). raises (torch's error type and, where torch has one, its wording) on a sparse,
 // integer or complex tensor, on tensors on more than one device, and on an empty tensor when the norm of

@@ -322,10 +322,10 @@ void over_chunks(const Plan& plan, F&& f) {
 // Combined partials of every chunk, in chunk order, for the total and (optionally) each tensor.
 struct NormResult {
   double total;
-  std::vector<double> per_tensor;  // finalised, only when asked for
+  std::vector<double> per_tensor;  // finalised (un-finalised: raw), only when asked for
 };
 
-NormResult compute_norm(const Plan& plan, double p, bool per_tensor) {
+NormResult compute_norm(const Plan& plan, double p, bool per_tensor, bool raw = false) {
   const NormKind k = norm_kind(p);
   std::vector<double> partial(plan.chunks.size());
   over_chunks(plan, [&](int64_t b, int64_t e) {
@@ -338,7 +338,7 @@ NormResult compute_norm(const Plan& plan, double p, bool per_tensor) {
     double acc = identity<double>(k);
     for (int64_t i = plan.first_chunk[t]; i < plan.first_chunk[t + 1]; ++i) acc = combine(k, acc, partial[i]);
     r.total = combine(k, r.total, tensor_to_total(k, acc));
-    if (per_tensor) r.per_tensor[t] = finalize(k, acc, p);
+    if (per_tensor) r.per_tensor[t] = raw ? acc : finalize(k, acc, p);
   }
   r.total = finalize(k, r.total, p);
   return r;
@@ -382,6 +382,14 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, doub
                               at::TensorOptions().dtype(at::kDouble));
   if (per_tensor) std::copy(r.per_tensor.begin(), r.per_tensor.end(), each.data_ptr<double>());
   return {scalar_of(r.total, out), each.to(out)};
+}
+
+at::Tensor multi_tensor_partials_cpu(at::TensorList xs, double p) {
+  const Plan plan = make_plan(xs, kCpuChunk, {true, p});
+  const NormResult r = compute_norm(plan, p, true, true);
+  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, at::TensorOptions().dtype(at::kDouble));
+  std::copy(r.per_tensor.begin(), r.per_tensor.end(), out.data_ptr<double>());
+  return out;
 }
 
 void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {

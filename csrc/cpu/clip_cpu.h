@@ -9,6 +9,9 @@ namespace gradclip {
 
 // Total (0-d, in the promoted dtype of xs, as torch returns it) and, when asked, the norm of each tensor.
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, double p, bool per_tensor);
+// Each tensor's un-finalised partial in float64, as the total combines it (sum of |x|^p for finite p; max |x|, min |x|;
+// the nonzero count for p = 0): what a distributed total reduces across ranks. Not an op: _C.fast only.
+at::Tensor multi_tensor_partials_cpu(at::TensorList xs, double p);
 void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
 void multi_tensor_mul_cpu(at::TensorList xs, const at::Tensor& coef);
 at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p, double eps);

@@ -535,7 +535,7 @@ struct NormOut {
 
 // The outputs and scratch of a norm (chunk partials, tensor partials, the unrounded total, the ticket word), and its
 // kernel arguments. The ticket word is zeroed by launch_norm only (the fused kernel takes no ticket).
-NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o) {
+NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o, bool tensor_partials = false) {
   const Launches& L = *c.launches;
   const int64_t nt = static_cast<int64_t>(c.plan.tensors.size());
   o.scratch = at::empty({L.plan_chunks + nt + 2}, c.opts.dtype(at::kDouble));
@@ -545,12 +545,13 @@ NormArgs prepare_norm(const Call& c, double p, bool per_tensor, NormOut& o) {
   o.total_acc = s + L.plan_chunks + nt;
   return {p, s, s + L.plan_chunks, o.total_acc, o.total.data_ptr(), per_tensor ? o.per_tensor.data_ptr() : nullptr,
           reinterpret_cast<unsigned int*>(o.total_acc + 1), L.plan_chunks, static_cast<int32_t>(nt),
-          dtype_of(c.plan.result_dtype), per_tensor || norm_kind(p) == NormKind::L0};
+          dtype_of(c.plan.result_dtype), per_tensor || tensor_partials || norm_kind(p) == NormKind::L0};
 }
 
-NormOut launch_norm(Call& c, double p, bool per_tensor) {
+// tensor_partials: every tensor's partial is combined into the scratch (o.scratch[plan_chunks, plan_chunks + nt)).
+NormOut launch_norm(Call& c, double p, bool per_tensor, bool tensor_partials = false) {
   NormOut o;
-  NormArgs a = prepare_norm(c, p, per_tensor, o);
+  NormArgs a = prepare_norm(c, p, per_tensor, o, tensor_partials);
   C10_CUDA_CHECK(cudaMemsetAsync(a.ticket, 0, sizeof(unsigned int), c.stream));
   t_info.memsets += 1;
   const NormKind k = norm_kind(p);
@@ -599,6 +600,12 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, dou
   Call c(xs, {true, p});
   NormOut o = launch_norm(c, p, per_tensor);
   return {o.total, o.per_tensor};
+}
+
+at::Tensor multi_tensor_partials_cuda(at::TensorList xs, double p) {
+  Call c(xs, {true, p});
+  NormOut o = launch_norm(c, p, false, true);
+  return o.scratch.narrow(0, c.launches->plan_chunks, static_cast<int64_t>(xs.size()));
 }
 
 // A total or coefficient tensor (one value, or one per tensor) on the tensors' device, in a dtype the kernels read.

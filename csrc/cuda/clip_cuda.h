@@ -8,6 +8,8 @@
 namespace gradclip {
 
 std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cuda(at::TensorList xs, double p, bool per_tensor);
+// As multi_tensor_partials_cpu (the norm kernel's per-tensor partials, left in its float64 scratch).
+at::Tensor multi_tensor_partials_cuda(at::TensorList xs, double p);
 void multi_tensor_scale_cuda(at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
 void multi_tensor_mul_cuda(at::TensorList xs, const at::Tensor& coef);
 at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p, double eps);
