@@ -155,8 +155,10 @@ def _worker(rank, world, port, args, q):
                     torch.allclose(a, b, rtol=1e-5, atol=1e-8) for a, b in zip(g_ours, g_ref))
             else:  # against torch's get_total_norm of the pristine gradients and torch's coefficient
                 restore()
-                local_sq = float(sum(torch.linalg.vector_norm(g.double()) ** 2 for g in pristine))
-                t_ref = math.sqrt(_all_sum(local_sq))  # FSDP sets: every shard counted once
+                # 1-D mesh: a sharded gradient's shards are summed over the ranks, a replicated one counted once
+                local_sq = float(sum(torch.linalg.vector_norm(g.double()) ** 2 for p, g in zip(params, pristine)
+                                     if rank == 0 or not all(pl.is_replicate() for pl in p.grad.placements)))
+                t_ref = math.sqrt(_all_sum(local_sq))
                 coef = min(max_norm / (t_ref + 1e-6), 1.0)
                 ok = abs(results["gradclip"][0] - t_ref) <= 1e-5 * t_ref and all(
                     torch.allclose(a.double(), b.double() * coef, rtol=1e-5, atol=1e-8)

@@ -161,15 +161,52 @@ py::object result_dtype(py::handle seq) {
   return py::cast(c10::toRealValueType(st));
 }
 
+// Whether any element of `seq` (a list or tuple) is an instance of the type `cls` (a C loop over the types: a
+// Python any(isinstance(...)) costs 0.3 us an element).
+bool any_instance(py::handle seq, py::handle cls) {
+  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "any_instance takes a list or tuple");
+  TORCH_CHECK_TYPE(PyType_Check(cls.ptr()), "any_instance takes a type");
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  auto* type = reinterpret_cast<PyTypeObject*>(cls.ptr());
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
+    if (PyType_IsSubtype(Py_TYPE(items[i]), type)) return true;
+  }
+  return false;
+}
+
 // The `.grad` of each parameter of `seq` (a list or tuple of tensors), Nones left out, read in C++: for tensor
 // subclasses (DTensor parameters) Python's `.grad` goes through the subclass's attribute machinery, microseconds a
 // parameter. None when an element is not a tensor.
+void prefetch_lines(const void* p, size_t bytes) {
+  for (size_t line = 0; line < bytes; line += 64) prefetch(static_cast<const char*>(p) + line);
+}
+
+// Reading a parameter's `.grad` chases four cold pointers (its Python object, its TensorImpl, its autograd metadata,
+// the gradient's TensorImpl, whose Python object is then looked up): perf put 60% of a pass over 5,000 parameters
+// on those loads. Each stage fetches the next link of a parameter further ahead, so the misses overlap.
+void prefetch_grad_chain(PyObject* const* items, Py_ssize_t n, Py_ssize_t i) {
+  constexpr Py_ssize_t kStage = 6;  // parameters between stages
+  if (i + 4 * kStage < n) prefetch(items[i + 4 * kStage]);
+  if (i + 3 * kStage < n && is_tensor(items[i + 3 * kStage]))
+    prefetch_lines(THPVariable_Unpack(items[i + 3 * kStage]).unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+  if (i + 2 * kStage < n && is_tensor(items[i + 2 * kStage]))
+    if (const auto* meta = THPVariable_Unpack(items[i + 2 * kStage]).unsafeGetTensorImpl()->autograd_meta())
+      prefetch_lines(meta, 192);
+  if (i + kStage < n && is_tensor(items[i + kStage])) {
+    const at::Tensor& g = THPVariable_Unpack(items[i + kStage]).grad();
+    if (g.defined()) prefetch_lines(g.unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+  }
+}
+
 py::object grads_of(py::handle seq) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
   py::list out;
   for (Py_ssize_t i = 0; i < n; ++i) {
+    prefetch_grad_chain(items, n, i);
     if (!is_tensor(items[i])) return py::none();
     const at::Tensor& g = THPVariable_Unpack(items[i]).grad();
     if (g.defined()) out.append(py::reinterpret_steal<py::object>(THPVariable_Wrap(g)));
@@ -468,6 +505,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grads_of", &gradclip::grads_of, py::arg("seq"), "the defined .grad of each parameter, or None");
   m.def("dtensor_locals", &gradclip::dtensor_locals, py::arg("seq"), py::arg("dtensor_cls"),
         "local shards of DTensor gradients grouped by (mesh, placements): (locals, runs, uniques), or None");
+  m.def("any_instance", &gradclip::any_instance, py::arg("seq"), py::arg("cls"),
+        "whether any element of a list or tuple is an instance of cls");
   m.def("result_dtype", &gradclip::result_dtype, py::arg("seq"),
         "torch's dtype for a total norm of a list of tensors, or None");
   m.def("plain_device", &gradclip::plain_device, py::arg("seq"),

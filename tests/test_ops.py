@@ -195,3 +195,23 @@ def test_fast_path_over_the_gil_release_threshold_matches_torch():
         assert_close_rel(total, want, RTOL[torch.float32])
         for a, b in zip(ours, ref):
             torch.testing.assert_close(a.grad, b.grad, rtol=2e-6, atol=0)
+
+
+@needs_c
+def test_any_instance_and_grads_of_read_every_element():
+    class Sub(torch.Tensor):
+        pass
+    xs = [torch.zeros(1) for _ in range(40)]
+    assert not _ops.C.any_instance(xs, Sub)
+    for i in (0, 17, 39):  # first, middle, last (past every prefetch distance)
+        ys = list(xs)
+        ys[i] = torch.zeros(1).as_subclass(Sub)
+        assert _ops.C.any_instance(ys, Sub) and _ops.C.any_instance(tuple(ys), torch.Tensor)
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(40)]
+    for i, q in enumerate(params):
+        if i % 3:
+            q.grad = torch.full((3,), float(i))
+    got = _ops.C.grads_of(params)
+    assert [g is q.grad for g, q in zip(got, [q for q in params if q.grad is not None])] == [True] * len(got)
+    assert len(got) == sum(1 for q in params if q.grad is not None)
+    assert _ops.C.grads_of(params[:5] + [3.0]) is None
