@@ -97,6 +97,12 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
          !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has_any(c10::python_ks);
 }
 
+// Whether o is a tensor (torch.Tensor or a subclass), by its type's MRO: THPVariable_Check goes through the tensor
+// metaclass's __instancecheck__ for subclasses (a Python call: DTensor parameters).
+bool is_tensor(PyObject* o) {
+  return PyType_IsSubtype(Py_TYPE(o), reinterpret_cast<PyTypeObject*>(THPVariableClass));
+}
+
 // The tensors of a Python list, held for one call without touching their reference counts. Taking a count on a
 // tensor that has a Python object, and dropping it, costs a GIL round trip in torch's bookkeeping of that object
 // (about 0.1 us a tensor: a third of the host time of a CPU pass over thousands of small tensors). The Python
@@ -105,6 +111,20 @@ bool plain_tensor(const at::Tensor& t, c10::Device& device) {
 class Borrowed {
  public:
   explicit Borrowed(size_t n) { ts_.reserve(n); }
+  // The tensors of a list or tuple (`what` names the caller in the errors).
+  Borrowed(py::handle seq, const char* what) {
+    TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), what, " takes a list or tuple of tensors");
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
+    PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+    // Every element checked before any is borrowed: a constructor that throws runs no destructor, and the vector
+    // would then drop references it never took.
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
+      TORCH_CHECK_TYPE(is_tensor(items[i]), what, ": element ", i, " is not a tensor");
+    }
+    ts_.reserve(n);
+    for (Py_ssize_t i = 0; i < n; ++i) add(THPVariable_Unpack(items[i]));
+  }
   Borrowed(const Borrowed&) = delete;
   Borrowed& operator=(const Borrowed&) = delete;
   ~Borrowed() {
@@ -123,11 +143,6 @@ class Borrowed {
 // a millisecond or more. Shorter passes keep it, and the borrowed references.
 constexpr int64_t kReleaseGilElems = int64_t(1) << 22;
 
-// Whether o is a tensor (torch.Tensor or a subclass), by its type's MRO: THPVariable_Check goes through the tensor
-// metaclass's __instancecheck__ for subclasses (a Python call: DTensor parameters).
-bool is_tensor(PyObject* o) {
-  return PyType_IsSubtype(Py_TYPE(o), reinterpret_cast<PyTypeObject*>(THPVariableClass));
-}
 
 // The device of `seq` (a list or tuple of tensors) when every tensor is one the compiled kernels take as it is
 // (plain_tensor: a CPU or CUDA tensor, strided, float32/float16/bfloat16/float64, not a subclass), all on one device;
@@ -432,15 +447,7 @@ py::dict chunk_visits(uint64_t addr, int64_t n, int elem_size, int threads) {
 // it in place), so the caller needs no per-tensor pass of its own for that. Runs the plan's checks (torch's errors)
 // on the way, so a bad list raises before any kernel runs.
 py::bytes tensor_key(py::handle seq, bool norm, double p) {
-  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "tensor_key takes a list or tuple of tensors");
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
-  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
-  Borrowed borrowed(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
-    TORCH_CHECK_TYPE(is_tensor(items[i]), "tensor_key: element ", i, " is not a tensor");
-    borrowed.add(THPVariable_Unpack(items[i]));
-  }
+  const Borrowed borrowed(seq, "tensor_key");
   const at::TensorList xs = borrowed.list();
   const Plan plan = make_plan(xs, 0, {norm, p});
   std::string key(sizeof(uint64_t), '\0');  // room for the hash
@@ -472,16 +479,7 @@ py::bytes tensor_key(py::handle seq, bool norm, double p) {
 // one C++ pass with borrowed references (torch._C._increment_version converts the list, two reference-count
 // round trips a tensor).
 void bump_versions_of(py::handle seq) {
-  TORCH_CHECK(PyList_Check(seq.ptr()) || PyTuple_Check(seq.ptr()), "bump_versions takes a list or tuple of tensors");
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
-  PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
-  Borrowed borrowed(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (i + kPrefetchAhead < size_t(n)) prefetch(items[i + kPrefetchAhead]);
-    TORCH_CHECK_TYPE(is_tensor(items[i]), "bump_versions: element ", i, " is not a tensor");
-    borrowed.add(THPVariable_Unpack(items[i]));
-  }
-  bump_versions(borrowed.list());
+  bump_versions(Borrowed(seq, "bump_versions").list());
 }
 
 py::dict last_cuda_call_info() {
@@ -492,6 +490,7 @@ py::dict last_cuda_call_info() {
   d["memsets"] = i.memsets;
   d["fused"] = i.fused;
   d["cached"] = i.cached;
+  d["device_table"] = i.device_table;
 #endif
   return d;
 }
@@ -528,6 +527,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_max_bytes", [](int64_t l2_bytes, std::optional<std::string> env) {
     return gradclip::fused_max_bytes(l2_bytes, env ? env->c_str() : nullptr);
   }, py::arg("l2_bytes"), py::arg("env") = py::none(), "the fused path's byte threshold for this L2 size and env");
+  m.def("use_device_table", &gradclip::use_device_table, py::arg("param_launches"), py::arg("force_small"),
+        py::arg("reusable"), "whether a CUDA set takes its launch tables in device memory");
+  m.def("read_device_table", &gradclip::read_device_table, py::arg("capturing"), py::arg("upload_done"),
+        "whether a CUDA call may read a set's uploaded device tables");
   m.def("take_fused", &gradclip::take_fused, py::arg("capturing"), py::arg("eager_fused_ok"), py::arg("one_table"),
         py::arg("bytes"), py::arg("max_bytes"), py::arg("l0"), py::arg("cooperative"),
         "whether a CUDA clip takes the fused cooperative launch");

@@ -83,7 +83,8 @@ def test_clip_takes_at_most_two_launches_and_never_syncs(monkeypatch, fused):
     info = _info()
     assert len(kernels) == (1 if fused else 2), kernels
     assert len(memsets) == (0 if fused else 1), memsets  # the two-launch path zeroes its ticket word
-    assert info == {"launches": 1 if fused else 2, "memsets": 0 if fused else 1, "fused": fused, "cached": True}
+    assert info == {"launches": 1 if fused else 2, "memsets": 0 if fused else 1, "fused": fused, "cached": True,
+                    "device_table": False}
     for q, s in zip(params, saved):
         q.grad.copy_(s)
     torch.cuda.set_sync_debug_mode("error")  # any host sync in the call raises
@@ -123,7 +124,7 @@ def test_unclipped_step_writes_nothing_and_still_one_scale_launch(fused_off):
     kernels, memsets = _device_ops(lambda: gc.clip_grad_norm_(params, 1e9))
     assert len(kernels) == 2 and len(memsets) == 1, (kernels, memsets)
     assert any("norm_kernel" in k for k in kernels) and any("scale_kernel" in k for k in kernels), kernels
-    assert _info() == {"launches": 2, "memsets": 1, "fused": False, "cached": True}
+    assert _info() == {"launches": 2, "memsets": 1, "fused": False, "cached": True, "device_table": False}
     for q, b in zip(params, before):
         assert torch.equal(q.grad.view(torch.int16), b.view(torch.int16))
 
@@ -146,8 +147,9 @@ def test_fused_and_two_launch_paths_give_the_same_bits(monkeypatch, p):
 @pytest.mark.parametrize("p", [2.0, 0.0, float("inf")])
 @pytest.mark.parametrize("n,mixed", [(300, False), (2_100, False), (2_100, True)])
 def test_norm_is_bitwise_independent_of_the_launch_split(monkeypatch, n, mixed, p):
-    # One set, cut into different numbers of launches: the default tables (300: one launch; 2,100: two) against
-    # small tables forced (64 tensors a launch: 5 and 33 launches). Per-tensor norms too. Tensors of 300-643
+    # One set, cut into different numbers of launches: the default tables (300: one parameter table; 2,100: one
+    # device table, where two parameter tables would be) against small tables forced (64 tensors a launch: 5 and
+    # 33 launches). Per-tensor norms too. Tensors of 300-643
     # elements are packed (a warp each, 16 to a block); `mixed` puts a larger tensor (block-reduced chunks) every
     # 7th, so that packs are cut short.
     monkeypatch.delenv(SMALL_TABLES_ENV, raising=False)
@@ -155,7 +157,7 @@ def test_norm_is_bitwise_independent_of_the_launch_split(monkeypatch, n, mixed, 
     grads = make_grads(shapes, [torch.float32, torch.bfloat16], "cuda", seed=8, params=False)
     total, each = gc.ops.multi_tensor_norm(grads, p, True)
     launches = _info()["launches"]
-    assert launches == (1 if n <= 2016 else 2)
+    assert launches == 1 and _info()["device_table"] == (n > 2016)
     monkeypatch.setenv(SMALL_TABLES_ENV, "1")
     total_s, each_s = gc.ops.multi_tensor_norm(grads, p, True)
     assert _info()["launches"] >= -(-n // 64) > launches
@@ -168,11 +170,58 @@ def test_norm_is_bitwise_independent_of_the_launch_split(monkeypatch, n, mixed, 
 
 
 def test_many_small_tensors_are_clipped_right(fused_off):
-    # 5,000 tensors of 256 elements: packs of 16 (313 blocks in three launch tables), each tensor scaled by its warp.
+    # 5,000 tensors of 256 elements: packs of 16 (313 blocks of one device table), each tensor scaled by its warp.
     params = make_grads([(256,)] * 5_000, [torch.float32, torch.float16], "cuda", seed=33)
     expected_total, expected = _expected(params, 10.0)
     total = gc.clip_grad_norm_(params, 10.0)
-    assert _info()["launches"] == 6  # norm and scale over three tables
+    assert _info()["launches"] == 2 and _info()["device_table"]  # norm and scale (three parameter tables: six)
+    _check(params, total, expected_total, expected)
+    total = gc.clip_grad_norm_(params, 10.0)  # the uploaded table, cached
+    assert _info()["launches"] == 2 and _info()["cached"] and _info()["device_table"]
+
+
+@pytest.mark.parametrize("n", [2_017, 10_000])
+def test_up_to_ten_thousand_tensors_take_one_fused_launch_where_it_fits(fused_on, n):
+    params = make_grads([(100 + i % 300,) for i in range(n)], [torch.float32, torch.bfloat16], "cuda", seed=34)
+    expected_total, expected = _expected(params, 0.5)
+    total = gc.clip_grad_norm_(params, 0.5)
+    info = _info()
+    assert info["device_table"] and info["launches"] == (1 if info["fused"] else 2), info
+    assert info["fused"]  # a few MB: within half of L2 on the GPUs this runs on
+    _check(params, total, expected_total, expected)
+
+
+def test_device_table_read_from_another_stream_and_graph_replays(fused_off):
+    # Uploaded on the default stream; read from a side stream (which waits for the copy), then captured once an
+    # eager call saw the copy done, and replayed with new gradient values.
+    params = make_grads([(300,)] * 3_000, [torch.float32], "cuda", seed=35)
+    gc.clip_grad_norm_(params, 1e9)
+    assert _info()["device_table"] and not _info()["cached"]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    fresh = make_grads([(300,)] * 3_000, [torch.float32], "cuda", seed=36)
+    with torch.cuda.stream(side):
+        for q, f in zip(params, fresh):
+            q.grad.copy_(f.grad)
+        expected_total, expected = _expected(params, 0.5)
+        total = gc.clip_grad_norm_(params, 0.5)
+        assert _info()["device_table"] and _info()["cached"]
+    torch.cuda.current_stream().wait_stream(side)
+    _check(params, total, expected_total, expected)
+    torch.cuda.synchronize()
+    _warm_up(params, 0.5)
+    graph, total, info = _capture_clip(params, 0.5)
+    assert info["device_table"] and info["launches"] == 2, info
+    _replay_with_new_values(graph, params, total, 0.5, [(300,)] * 3_000, [torch.float32], (37, 38))
+
+
+def test_a_new_large_set_captured_without_warm_up_takes_parameter_tables(fused_off):
+    params = make_grads([(64,)] * 2_500, [torch.float32], "cuda", seed=39)
+    expected_total, expected = _expected(params, 0.5)
+    graph, total, info = _capture_clip(params, 0.5)
+    assert not info["device_table"] and info["launches"] == 4, info  # two parameter tables, norm and scale
+    graph.replay()
+    torch.cuda.synchronize()
     _check(params, total, expected_total, expected)
 
 
@@ -195,7 +244,7 @@ def test_spilled_clip_is_correct(fused_off):
     params = make_grads([(257,)] * 2_100, [torch.float32, torch.float16], "cuda", seed=9)
     expected_total, expected = _expected(params, 0.1)
     total = gc.clip_grad_norm_(params, 0.1)
-    assert _info()["launches"] == 4 and _info()["memsets"] == 1
+    assert _info()["launches"] == 2 and _info()["memsets"] == 1 and _info()["device_table"]
     _check(params, total, expected_total, expected)
 
 
@@ -234,6 +283,18 @@ def _capture_clip(params, max_norm, pool=None):
     return graph, total, info
 
 
+def _replay_with_new_values(graph, params, total, max_norm, shapes, dtypes, seeds):
+    """Replays a captured clip of ``params`` after writing new gradient values in place, checking each replay."""
+    for seed in seeds:
+        fresh = make_grads(shapes, dtypes, "cuda", seed=seed)
+        for q, f in zip(params, fresh):
+            q.grad.copy_(f.grad)
+        expected_total, expected = _expected(fresh, max_norm)
+        graph.replay()
+        torch.cuda.synchronize()
+        _check(params, total, expected_total, expected)
+
+
 def _warm_up(params, max_norm):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -255,20 +316,12 @@ def test_cuda_graph_capture_and_replay(monkeypatch, fused):
         monkeypatch.setenv(FUSED_ENV, "0")
     dtypes = [torch.float32, torch.bfloat16]
     params = make_grads(GRAPH_SHAPES, dtypes, "cuda", seed=11)
-    static = [q.grad for q in params]
     eager = _warm_up(params, 0.5)
     assert eager["fused"] == fused
     graph, total, info = _capture_clip(params, 0.5)
     # Under capture the fused path is taken only where an eager fused launch succeeded before (the warm-up).
     assert info["fused"] == fused and info["memsets"] == (0 if fused else 1), info
-    for seed in (12, 13, 14):
-        fresh = make_grads(GRAPH_SHAPES, dtypes, "cuda", seed=seed)
-        for s, f in zip(static, fresh):
-            s.copy_(f.grad)
-        expected_total, expected = _expected(fresh, 0.5)
-        graph.replay()
-        torch.cuda.synchronize()
-        _check(params, total, expected_total, expected)
+    _replay_with_new_values(graph, params, total, 0.5, GRAPH_SHAPES, dtypes, (12, 13, 14))
 
 
 def test_more_captures_than_the_old_ticket_slots_replay_concurrently(fused_off):

@@ -81,6 +81,23 @@ def test_under_capture_fused_only_after_an_eager_fused_launch_succeeded():
     assert C.take_fused(**{**FUSABLE, "capturing": False, "eager_fused_ok": True})
 
 
+@needs_lib
+def test_sets_needing_several_parameter_tables_take_device_tables():
+    C = _ops.C
+    assert not C.use_device_table(1, False, True)  # one parameter table: it travels in the launch
+    assert C.use_device_table(2, False, True) and C.use_device_table(157, False, True)
+    assert not C.use_device_table(3, True, True)  # GRADCLIP_CUDA_SMALL_TABLES=1 keeps parameter tables
+    assert not C.use_device_table(3, False, False)  # gradients through copies: new addresses each call
+
+
+@needs_lib
+def test_device_tables_read_under_capture_only_after_the_upload_was_seen_done():
+    C = _ops.C
+    assert C.read_device_table(False, False) and C.read_device_table(False, True)  # eagerly: waits on the copy
+    assert not C.read_device_table(True, False)  # a capture cannot wait on the uncaptured copy
+    assert C.read_device_table(True, True)
+
+
 # ---- chunk visiting (the kernels' index arithmetic, run on the host) ----
 
 def _sizes(per_vec, threads):
@@ -257,6 +274,11 @@ def _limits(fn):
     regs = 80 if "agc_kernel" in fn else 64
     if GENERAL in fn:
         return regs, 32
+    if "fused_clip_kernel" in fn and "DeviceTable" in fn:
+        # measured on sm_90 (2026-11-29): the device-table fused kernels keep one 32-bit value on the stack, stored
+        # once at entry and loaded once after the grid barrier (one STL, one LDL in the SASS): the cost of telling
+        # the compiler the gradients are global memory (device.cuh, visit_chunk) at 64 registers
+        return regs, 8
     return regs, 0
 
 
@@ -316,6 +338,9 @@ def test_parameter_bytes_within_what_the_driver_takes():
             assert size > 32_000, (arch, fn, size)  # the large table travels whole
         if "Li560E" in fn:
             assert size > 31_000, (arch, fn, size)  # AGC's large table too
+        if "DeviceTable" in fn:
+            assert size <= 4096, (arch, fn, size)  # header and slot pointer: any driver takes it
+    assert any("DeviceTable" in fn for _, fn, _ in rows), "no device-table kernels built"
 
 
 @needs_cuda_build

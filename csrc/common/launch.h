@@ -46,7 +46,7 @@ GC_HD bool slot_skip_writes(const Slot& s) { return ((s.a >> (kPtrBits + 2)) & 1
 GC_HD int64_t slot_numel(const Slot& s) { return static_cast<int64_t>(s.b & ((uint64_t(1) << kNumelBits) - 1)); }
 GC_HD int32_t slot_first_chunk(const Slot& s) { return static_cast<int32_t>(s.b >> kNumelBits); }
 
-// The header of every launch table; the kernels take Table<N> by value (__grid_constant__).
+// The header of every launch table; the kernels take Table<N> (or DeviceTable) by value (__grid_constant__).
 struct TableHeader {
   int64_t chunk_base;   // plan-wide index of this launch's first chunk (its partials' place in scratch)
   int32_t tensor_base;  // plan-wide index of its first tensor
@@ -59,6 +59,14 @@ template <int N>
 struct Table {
   TableHeader h;
   Slot slots[N];
+};
+
+// A launch's table in device memory (sets that would need several parameter tables: one launch per pass instead;
+// clip_cuda.cu, launches_for): its header by value, its slots through a pointer. The kernels are templates over the
+// table type and read `tab.h` and `tab.slots` alike.
+struct DeviceTable {
+  TableHeader h;
+  const Slot* slots;
 };
 
 // The layout the host writes and the kernels read: no padding the two sides could disagree on, 8-byte words.

@@ -22,6 +22,22 @@ inline int table_capacity(int64_t n_tensors, int driver_version, bool force_smal
   return kLargeSlots;
 }
 
+// Where a set's launch tables live. One that needs more than one parameter table (more than 2,016 tensors, or 64
+// under a pre-12.1 driver) takes its tables in device memory instead (capacity kDeviceSlots): one launch per pass,
+// and the fused path becomes possible. They are uploaded once per tensor set (a pinned, non-blocking copy) and
+// cached, so only a set the launcher can reuse qualifies (`reusable`: no gradient went through a contiguous copy);
+// `force_small` (GRADCLIP_CUDA_SMALL_TABLES=1) keeps the small parameter tables.
+constexpr int kDeviceSlots = 0;
+inline bool use_device_table(size_t param_launches, bool force_small, bool reusable) {
+  return param_launches > 1 && !force_small && reusable;
+}
+
+// Whether a call may read a set's uploaded device table: always eagerly (a call on another stream than the upload's
+// waits for the copy's event); under CUDA graph capture only once an eager call has seen the copy complete
+// (`upload_done`), since a capture cannot wait on uncaptured work. Otherwise the capture launches the parameter
+// tables. A table read by a capture is kept for the life of the process (the graph reads it at every replay).
+inline bool read_device_table(bool capturing, bool upload_done) { return !capturing || upload_done; }
+
 // Sets of at most this many bytes may take the fused single launch: half of L2 (so that the second pass, the scale,
 // still finds most of what the first pass read, with room for whatever else the step keeps in L2), unless `env`
 // (GRADCLIP_CUDA_FUSED_MAX_BYTES, nullptr when unset) says otherwise; 0 turns the fused path off.

@@ -197,13 +197,14 @@ struct CoefArgs {
 // Every kernel's parameters (its table and its other arguments, as the kernels below take them) fit what the driver
 // accepts: 32,764 bytes from CUDA 12.1 on, and 4,096 for the small-table kernels (all an older driver gets:
 // table_capacity).
-template <int N>
+template <typename T>
 constexpr bool params_fit(size_t limit) {
-  return param_bytes<Table<N>, NormArgs>() <= limit && param_bytes<Table<N>, CoefArgs>() <= limit &&
-         param_bytes<Table<N>, double>() <= limit && param_bytes<Table<N>, NormArgs, double, double, bool>() <= limit;
+  return param_bytes<T, NormArgs>() <= limit && param_bytes<T, CoefArgs>() <= limit &&
+         param_bytes<T, double>() <= limit && param_bytes<T, NormArgs, double, double, bool>() <= limit;
 }
-static_assert(params_fit<kLargeSlots>(kMaxParamBytes), "a large-table kernel's parameters exceed 32,764 bytes");
-static_assert(params_fit<kSmallSlots>(kMaxParamBytesOldDriver), "a small-table kernel's parameters exceed 4 KB");
+static_assert(params_fit<Table<kLargeSlots>>(kMaxParamBytes), "a large-table kernel's parameters exceed 32,764 bytes");
+static_assert(params_fit<Table<kSmallSlots>>(kMaxParamBytesOldDriver), "a small-table kernel's parameters exceed 4 KB");
+static_assert(params_fit<DeviceTable>(kMaxParamBytesOldDriver), "a device-table kernel's parameters exceed 4 KB");
 
 // The coefficient of the plan's tensor i (of every tensor unless per_tensor).
 __device__ __forceinline__ double coefficient(const CoefArgs& c, int64_t i) {
@@ -258,9 +259,9 @@ __device__ void finish_norm(const TableHeader& h, const Slot* slots, const NormA
 }
 
 // One block per chunk (a pack: a warp per member); the last block to finish (ticket) finishes the launch.
-template <NormKind K, int N>
+template <NormKind K, typename T>
 __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
-    norm_kernel(const __grid_constant__ Table<N> tab, const NormArgs a) {
+    norm_kernel(const __grid_constant__ T tab, const NormArgs a) {
   __shared__ double smem[kWarps];
   __shared__ bool last_block;
   const int32_t k = static_cast<int32_t>(blockIdx.x);
@@ -280,9 +281,9 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
   finish_norm<K>(tab.h, tab.slots, a, smem);
 }
 
-template <int N>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
-    scale_kernel(const __grid_constant__ Table<N> tab, const CoefArgs c) {
+    scale_kernel(const __grid_constant__ T tab, const CoefArgs c) {
   if (!c.per_tensor) {
     const double coef = coefficient(c, 0);
     if (coef == 1.0) return;  // nothing to write
@@ -307,9 +308,9 @@ __global__ void policy_step_kernel(double* state, const void* total, DType total
   else *static_cast<float*>(coef) = policy_coef<float>(static_cast<float>(g), threshold, a.eps);
 }
 
-template <int N>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
-    clamp_kernel(const __grid_constant__ Table<N> tab, const double v) {
+    clamp_kernel(const __grid_constant__ T tab, const double v) {
   for_work(tab.slots, tab.h.n_tensors, static_cast<int32_t>(blockIdx.x),
            [v](const ChunkRef& chunk, int32_t, int tid, int threads) { clamp_chunk(chunk, v, tid, threads); });
 }
@@ -318,9 +319,9 @@ __global__ void __launch_bounds__(kThreads, kMapMinBlocks)
 // the two-launch path's) blockIdx.x, + gridDim.x, ...; the grid meets
 // at a barrier; every block computes the same total from the partials, then scales the chunks it read, most recent
 // first (they are the likeliest still in L2). Launched only when the grid is co-resident (cooperative launch).
-template <NormKind K, int N>
+template <NormKind K, typename T>
 __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
-    fused_clip_kernel(const __grid_constant__ Table<N> tab, const NormArgs a, const double max_norm, const double eps,
+    fused_clip_kernel(const __grid_constant__ T tab, const NormArgs a, const double max_norm, const double eps,
                       const bool f64) {
   __shared__ double smem[kWarps];
   const int32_t n = tab.h.n_chunks, b = static_cast<int32_t>(blockIdx.x), g = static_cast<int32_t>(gridDim.x);
@@ -345,30 +346,32 @@ __global__ void __launch_bounds__(kThreads, kNormMinBlocks)
 
 thread_local CudaCallInfo t_info;
 
-template <int N>
+template <typename T>
 const void* norm_fn(NormKind k) {
   switch (k) {
-    case NormKind::L2: return reinterpret_cast<const void*>(norm_kernel<NormKind::L2, N>);
-    case NormKind::L1: return reinterpret_cast<const void*>(norm_kernel<NormKind::L1, N>);
-    case NormKind::Inf: return reinterpret_cast<const void*>(norm_kernel<NormKind::Inf, N>);
-    case NormKind::NegInf: return reinterpret_cast<const void*>(norm_kernel<NormKind::NegInf, N>);
-    case NormKind::L0: return reinterpret_cast<const void*>(norm_kernel<NormKind::L0, N>);
-    default: return reinterpret_cast<const void*>(norm_kernel<NormKind::General, N>);
+    case NormKind::L2: return reinterpret_cast<const void*>(norm_kernel<NormKind::L2, T>);
+    case NormKind::L1: return reinterpret_cast<const void*>(norm_kernel<NormKind::L1, T>);
+    case NormKind::Inf: return reinterpret_cast<const void*>(norm_kernel<NormKind::Inf, T>);
+    case NormKind::NegInf: return reinterpret_cast<const void*>(norm_kernel<NormKind::NegInf, T>);
+    case NormKind::L0: return reinterpret_cast<const void*>(norm_kernel<NormKind::L0, T>);
+    default: return reinterpret_cast<const void*>(norm_kernel<NormKind::General, T>);
   }
 }
 
-template <int N>
+template <typename T>
 const void* fused_fn(NormKind k) {
   switch (k) {
-    case NormKind::L2: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L2, N>);
-    case NormKind::L1: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L1, N>);
-    case NormKind::Inf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::Inf, N>);
-    case NormKind::NegInf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::NegInf, N>);
-    default: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::General, N>);  // never L0
+    case NormKind::L2: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L2, T>);
+    case NormKind::L1: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::L1, T>);
+    case NormKind::Inf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::Inf, T>);
+    case NormKind::NegInf: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::NegInf, T>);
+    default: return reinterpret_cast<const void*>(fused_clip_kernel<NormKind::General, T>);  // never L0
   }
 }
 
-const void* pick(int capacity, const void* small, const void* large) { return capacity == kSmallSlots ? small : large; }
+const void* pick(int capacity, const void* small, const void* large, const void* device) {
+  return capacity == kSmallSlots ? small : capacity == kLargeSlots ? large : device;
+}
 
 struct DeviceInfo {
   int sms = 0;
@@ -425,18 +428,25 @@ std::atomic<uint64_t> g_eager_fused_ok{0};
 
 bool eager_fused_ok(int dev) { return dev >= 0 && dev < 64 && ((g_eager_fused_ok.load() >> dev) & 1u); }
 
-// The launch tables of a plan, built in the layout the kernels take (Table<capacity>), cached per thread and reused
-// while the tensors (data pointers, sizes, dtypes) and the capacity are the ones of the last call, and, for a pass
-// that writes, only if the cached tables carry the write-skip flags (tables built for a norm carry none; the norm
-// kernels ignore the flags, so tables with them serve a norm too).
+// The launch tables of a plan, built in the layout the kernels take (Table<capacity>, or DeviceTable for a set that
+// would need several parameter tables: policy.h, use_device_table), cached per thread and reused while the tensors
+// (data pointers, sizes, dtypes) are the ones of the last call, and, for a pass that writes, only if the cached
+// tables carry the write-skip flags (tables built for a norm carry none; the norm kernels ignore the flags, so tables
+// with them serve a norm too).
 struct Launches {
   int device = -1;
   std::vector<TensorRef> key;
-  int capacity = kSmallSlots;
+  int capacity = kSmallSlots;  // kSmallSlots, kLargeSlots, or kDeviceSlots
   bool skips = false;  // built with the plan's write-skip flags
-  std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity>
+  std::vector<std::vector<uint64_t>> tables;  // each: the bytes of one Table<capacity> (of one DeviceTable)
   int64_t plan_chunks = 0;
   int64_t bytes = 0;
+  // Device tables: every launch's slots, uploaded once on `upload_stream`, which records `uploaded` after the copy.
+  at::Tensor slots;
+  cudaEvent_t uploaded = nullptr;
+  cudaStream_t upload_stream = nullptr;
+  bool upload_done = false;  // an eager call saw the copy complete: a capture may read the table
+  bool captured = false;     // a captured graph reads the table: it is kept for the life of the process
 
   int32_t chunks(size_t i) const { return reinterpret_cast<const TableHeader*>(tables[i].data())->n_chunks; }
 };
@@ -448,6 +458,14 @@ bool same_tensors(const std::vector<TensorRef>& a, const std::vector<TensorRef>&
   return true;
 }
 
+template <typename T>
+std::vector<uint64_t> table_words(const T& t) {
+  static_assert(sizeof(T) % sizeof(uint64_t) == 0, "tables are 64-bit words");
+  std::vector<uint64_t> words(sizeof(T) / sizeof(uint64_t), 0);
+  std::memcpy(words.data(), &t, sizeof(T));
+  return words;
+}
+
 template <int N>
 std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
   std::vector<uint64_t> words(sizeof(Table<N>) / sizeof(uint64_t), 0);
@@ -457,30 +475,110 @@ std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
   return words;
 }
 
-const Launches& launches_for(const Plan& plan, int dev) {
-  thread_local Launches cache;
+// Drops a cached set's tables; device slots a captured graph reads are kept for the life of the process.
+void retire(Launches& L) {
+  if (L.captured && L.slots.defined()) {
+    static std::mutex m;
+    static auto* kept = new std::vector<at::Tensor>();  // never destroyed: graphs may replay until exit
+    std::lock_guard<std::mutex> lock(m);
+    kept->push_back(L.slots);
+  }
+  L.slots = at::Tensor();
+  L.upload_stream = nullptr;
+  L.upload_done = L.captured = false;
+}
+
+// Fills L with the parameter tables (capacity slots each) of `specs`.
+void fill_param_tables(Launches& L, const std::vector<LaunchSpec>& specs, int capacity) {
+  L.capacity = capacity;
+  L.tables.clear();
+  for (const LaunchSpec& l : specs)
+    L.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
+}
+
+// Fills L with device tables of `specs`: their slots copied to the device from pinned memory without blocking the
+// host, on `stream`, which records L.uploaded after the copy.
+void fill_device_tables(Launches& L, const std::vector<LaunchSpec>& specs, int dev, const c10::cuda::CUDAStream& stream) {
+  size_t n = 0;
+  for (const LaunchSpec& l : specs) n += l.slots.size();
+  const int64_t words = static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(Slot) / sizeof(uint64_t));
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto* out = reinterpret_cast<Slot*>(host.data_ptr<int64_t>());
+  for (const LaunchSpec& l : specs) out = std::copy(l.slots.begin(), l.slots.end(), out);
+  L.slots = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, dev));
+  L.slots.copy_(host, /*non_blocking=*/true);  // on the current stream, `stream`; torch keeps `host` until it is done
+  if (L.uploaded == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&L.uploaded, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventRecord(L.uploaded, stream.stream()));
+  L.upload_stream = stream.stream();
+  L.capacity = kDeviceSlots;
+  L.tables.clear();
+  const auto* slots = reinterpret_cast<const Slot*>(L.slots.data_ptr<int64_t>());
+  for (const LaunchSpec& l : specs) {
+    L.tables.push_back(table_words(DeviceTable{l.h, slots}));
+    slots += l.slots.size();
+  }
+}
+
+// Whether a set's device tables may be read by this call (policy.h, read_device_table), and, eagerly on another
+// stream than the upload's, that stream ordered after the copy and the slots marked as used on it.
+bool device_tables_ready(Launches& L, const c10::cuda::CUDAStream& stream, bool capturing) {
+  if (!capturing && !L.upload_done) {
+    const cudaError_t e = cudaEventQuery(L.uploaded);
+    if (e == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: the copy is still queued
+    else C10_CUDA_CHECK(e);
+    L.upload_done = e == cudaSuccess;
+  }
+  if (!read_device_table(capturing, L.upload_done)) return false;
+  if (capturing) {
+    L.captured = true;
+  } else if (stream.stream() != L.upload_stream) {
+    if (!L.upload_done) C10_CUDA_CHECK(cudaStreamWaitEvent(stream.stream(), L.uploaded, 0));
+    L.slots.record_stream(stream);
+  }
+  return true;
+}
+
+const Launches& launches_for(const Plan& plan, int dev, const c10::cuda::CUDAStream& stream, bool capturing) {
+  // Heap objects never destroyed: a cached device tensor must not be freed at thread exit, after CUDA is torn down.
+  thread_local Launches* const cache = new Launches();
+  thread_local Launches* const params = new Launches();  // parameter tables of a set whose device table waits
   const char* small_env = std::getenv("GRADCLIP_CUDA_SMALL_TABLES");  // per call: tests cut a set with it
-  const int capacity = table_capacity(static_cast<int64_t>(plan.tensors.size()), driver_version(),
-                                      small_env != nullptr && std::strcmp(small_env, "1") == 0);
-  if (plan.copies.empty() && cache.device == dev && cache.capacity == capacity && (cache.skips || !plan.writes) &&
-      same_tensors(cache.key, plan.tensors)) {
+  const bool force_small = small_env != nullptr && std::strcmp(small_env, "1") == 0;
+  const int capacity = table_capacity(static_cast<int64_t>(plan.tensors.size()), driver_version(), force_small);
+  Launches& L = *cache;
+  const bool same = plan.copies.empty() && L.device == dev && (L.skips || !plan.writes) &&
+                    same_tensors(L.key, plan.tensors);
+  if (same && L.capacity == capacity) {
     t_info.cached = true;
-    return cache;
+    return L;
+  }
+  if (same && L.capacity == kDeviceSlots && !force_small && device_tables_ready(L, stream, capturing)) {
+    t_info.cached = true;
+    return L;
   }
   const std::vector<char> no_skips;
-  const std::vector<LaunchSpec> specs =
-      build_launches(plan.tensors, plan.writes ? plan.skips.skip : no_skips, kCudaChunk, capacity);
-  cache.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
-  cache.key = plan.tensors;
-  cache.capacity = capacity;
-  cache.skips = plan.writes;
-  cache.tables.clear();
-  for (const LaunchSpec& l : specs)
-    cache.tables.push_back(capacity == kSmallSlots ? table_bytes<kSmallSlots>(l) : table_bytes<kLargeSlots>(l));
-  cache.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
-  cache.bytes = 0;
-  for (const TensorRef& t : plan.tensors) cache.bytes += t.numel * dtype_size(t.dtype);
-  return cache;
+  const auto build = [&](int cap) {
+    return build_launches(plan.tensors, plan.writes ? plan.skips.skip : no_skips, kCudaChunk, cap);
+  };
+  std::vector<LaunchSpec> specs = build(capacity);
+  const bool device_table = use_device_table(specs.size(), force_small, plan.copies.empty());
+  Launches& out = (same && L.capacity == kDeviceSlots) || (device_table && capturing) ? *params : L;
+  if (&out == &L) retire(L);
+  out.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
+  out.key = plan.tensors;
+  out.skips = plan.writes;
+  if (device_table && !capturing) {  // a new set: uploaded now (under capture: its parameter tables, never cached)
+    specs = build(static_cast<int>(std::min<size_t>(plan.tensors.size(), INT32_MAX)));
+    fill_device_tables(out, specs, dev, stream);
+    out.upload_done = false;
+  } else {
+    fill_param_tables(out, specs, capacity);
+  }
+  if (&out == params) out.device = -1;  // a stand-in for this call only
+  out.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
+  out.bytes = 0;
+  for (const TensorRef& t : plan.tensors) out.bytes += t.numel * dtype_size(t.dtype);
+  return out;
 }
 
 void launch(const void* fn, int32_t blocks, void** args, cudaStream_t stream) {
@@ -508,11 +606,13 @@ struct Call {
       : guard(first(xs).device()), plan(make_plan(xs, 0, check)) {
     t_info = {};
     dev = xs[0].device().index();
-    stream = c10::cuda::getCurrentCUDAStream(dev).stream();
+    const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(dev);
+    stream = current.stream();
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &cs));
     capturing = cs != cudaStreamCaptureStatusNone;
-    launches = &launches_for(plan, dev);
+    launches = &launches_for(plan, dev, current, capturing);
+    t_info.device_table = launches->capacity == kDeviceSlots;
     opts = at::TensorOptions().device(xs[0].device());
   }
 };
@@ -555,13 +655,15 @@ NormOut launch_norm(Call& c, double p, bool per_tensor, bool tensor_partials = f
   C10_CUDA_CHECK(cudaMemsetAsync(a.ticket, 0, sizeof(unsigned int), c.stream));
   t_info.memsets += 1;
   const NormKind k = norm_kind(p);
-  launch_tables(c, pick(c.launches->capacity, norm_fn<kSmallSlots>(k), norm_fn<kLargeSlots>(k)), &a, true);
+  launch_tables(c, pick(c.launches->capacity, norm_fn<Table<kSmallSlots>>(k), norm_fn<Table<kLargeSlots>>(k),
+                         norm_fn<DeviceTable>(k)), &a, true);
   return o;
 }
 
 void launch_scale(Call& c, CoefArgs coef) {
-  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(scale_kernel<kSmallSlots>),
-                        reinterpret_cast<const void*>(scale_kernel<kLargeSlots>)), &coef, false);
+  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(scale_kernel<Table<kSmallSlots>>),
+                        reinterpret_cast<const void*>(scale_kernel<Table<kLargeSlots>>),
+                        reinterpret_cast<const void*>(scale_kernel<DeviceTable>)), &coef, false);
 }
 
 // The fused single launch, when take_fused says so and the grid fits the device.
@@ -573,7 +675,8 @@ bool try_fused(Call& c, double p, double max_norm, double eps, NormOut& o) {
                   fused_max_bytes(d.l2_bytes, std::getenv("GRADCLIP_CUDA_FUSED_MAX_BYTES")), k == NormKind::L0,
                   d.cooperative))
     return false;
-  const void* fn = pick(L.capacity, fused_fn<kSmallSlots>(k), fused_fn<kLargeSlots>(k));
+  const void* fn = pick(L.capacity, fused_fn<Table<kSmallSlots>>(k), fused_fn<Table<kLargeSlots>>(k),
+                        fused_fn<DeviceTable>(k));
   const int resident = blocks_per_sm(fn, c.dev) * d.sms;
   if (resident <= 0) return false;
   NormArgs a = prepare_norm(c, p, false, o);
@@ -649,8 +752,9 @@ at::Tensor clip_grad_norm_cuda(at::TensorList xs, double max_norm, double p, dou
 
 void clip_grad_value_cuda(at::TensorList xs, double clip_value) {
   Call c(xs, {false, 2.0, true});
-  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(clamp_kernel<kSmallSlots>),
-                        reinterpret_cast<const void*>(clamp_kernel<kLargeSlots>)), &clip_value, false);
+  launch_tables(c, pick(c.launches->capacity, reinterpret_cast<const void*>(clamp_kernel<Table<kSmallSlots>>),
+                        reinterpret_cast<const void*>(clamp_kernel<Table<kLargeSlots>>),
+                        reinterpret_cast<const void*>(clamp_kernel<DeviceTable>)), &clip_value, false);
   finish_writes(c.plan);
   bump_versions(xs);
 }

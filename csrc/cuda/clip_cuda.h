@@ -30,6 +30,7 @@ struct CudaCallInfo {
   int memsets = 0;
   bool fused = false;
   bool cached = false;
+  bool device_table = false;  // the launch tables were read from device memory
 };
 CudaCallInfo last_cuda_call();
 

@@ -59,8 +59,12 @@ __device__ __forceinline__ A block_combine(NormKind k, A v, double* smem) {
 // vec(uint4&), kUnroll loads in flight per thread. kWrite: what the visitors change is stored back.
 // The index arithmetic (which thread visits which element or vector) is visit_parts (common/launch.h), swept on
 // the host by the CPU tests for every misalignment of every element size.
+// x is in global memory (gradients, parameters): said so because a pointer read from a device launch table (not
+// from the kernel's parameters) otherwise leaves the compiler issuing generic loads and stores (ld.v4, not
+// ld.global.v4; tests/test_cuda_host.py reads the PTX of every kernel variant for ld.global.v4).
 template <bool kWrite, typename T, typename Elem, typename Vec>
 __device__ __forceinline__ void visit_chunk(T* x, int64_t n, int tid, int threads, Elem elem, Vec vec) {
+  __builtin_assume(__isGlobal(x));
   const ChunkParts c = chunk_parts(reinterpret_cast<uintptr_t>(x), n, int(sizeof(T)));
   uint4* v = reinterpret_cast<uint4*>(x + c.head);
   auto scalar = [&](int64_t j) {
