@@ -192,8 +192,8 @@ def test_up_to_ten_thousand_tensors_take_one_fused_launch_where_it_fits(fused_on
 
 
 def test_device_table_read_from_another_stream_and_graph_replays(fused_off):
-    # Uploaded on the default stream; read from a side stream (which waits for the copy), then captured once an
-    # eager call saw the copy done, and replayed with new gradient values.
+    # Uploaded on the default stream; read from a side stream (which waits for the copy), then captured once the
+    # copy is done, and replayed with new gradient values.
     params = make_grads([(300,)] * 3_000, [torch.float32], "cuda", seed=35)
     gc.clip_grad_norm_(params, 1e9)
     assert _info()["device_table"] and not _info()["cached"]

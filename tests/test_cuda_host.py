@@ -91,7 +91,7 @@ def test_sets_needing_several_parameter_tables_take_device_tables():
 
 
 @needs_lib
-def test_device_tables_read_under_capture_only_after_the_upload_was_seen_done():
+def test_device_tables_read_under_capture_only_once_the_upload_is_done():
     C = _ops.C
     assert C.read_device_table(False, False) and C.read_device_table(False, True)  # eagerly: waits on the copy
     assert not C.read_device_table(True, False)  # a capture cannot wait on the uncaptured copy

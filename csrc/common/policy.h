@@ -33,9 +33,9 @@ inline bool use_device_table(size_t param_launches, bool force_small, bool reusa
 }
 
 // Whether a call may read a set's uploaded device table: always eagerly (a call on another stream than the upload's
-// waits for the copy's event); under CUDA graph capture only once an eager call has seen the copy complete
-// (`upload_done`), since a capture cannot wait on uncaptured work. Otherwise the capture launches the parameter
-// tables. A table read by a capture is kept for the life of the process (the graph reads it at every replay).
+// waits for the copy's event); under CUDA graph capture only once the copy is complete (`upload_done`: the event
+// queried, in relaxed capture mode), since a capture cannot wait on uncaptured work. Otherwise the capture launches
+// the parameter tables. A table read by a capture is kept for the life of the process (graphs replay it).
 inline bool read_device_table(bool capturing, bool upload_done) { return !capturing || upload_done; }
 
 // Sets of at most this many bytes may take the fused single launch: half of L2 (so that the second pass, the scale,

@@ -475,17 +475,28 @@ std::vector<uint64_t> table_bytes(const LaunchSpec& l) {
   return words;
 }
 
-// Drops a cached set's tables; device slots a captured graph reads are kept for the life of the process.
-void retire(Launches& L) {
+// Lets this thread make CUDA calls that a graph capture in global mode (torch's default) prohibits on every thread,
+// for the guard's lifetime: an event query and the upload, which touch no capturing stream (torch's caching
+// allocator does the same for its own queries).
+struct RelaxedCapture {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  RelaxedCapture() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode)); }
+  ~RelaxedCapture() { (void)cudaThreadExchangeStreamCaptureMode(&mode); }
+  RelaxedCapture(const RelaxedCapture&) = delete;
+  RelaxedCapture& operator=(const RelaxedCapture&) = delete;
+};
+
+// Drops a cached set's tables. Device slots a captured graph reads are kept for the life of the process, with their
+// event; otherwise the event is destroyed (legal while its copy is pending), except during a capture.
+void retire(Launches& L, bool capturing) {
   if (L.captured && L.slots.defined()) {
     static std::mutex m;
     static auto* kept = new std::vector<at::Tensor>();  // never destroyed: graphs may replay until exit
     std::lock_guard<std::mutex> lock(m);
     kept->push_back(L.slots);
   }
-  L.slots = at::Tensor();
-  L.upload_stream = nullptr;
-  L.upload_done = L.captured = false;
+  if (L.uploaded != nullptr && !L.captured && !capturing) (void)cudaEventDestroy(L.uploaded);
+  L = Launches();
 }
 
 // Fills L with the parameter tables (capacity slots each) of `specs`.
@@ -499,6 +510,7 @@ void fill_param_tables(Launches& L, const std::vector<LaunchSpec>& specs, int ca
 // Fills L with device tables of `specs`: their slots copied to the device from pinned memory without blocking the
 // host, on `stream`, which records L.uploaded after the copy.
 void fill_device_tables(Launches& L, const std::vector<LaunchSpec>& specs, int dev, const c10::cuda::CUDAStream& stream) {
+  RelaxedCapture relaxed;  // a pinned allocation may call cudaHostAlloc while another thread captures
   size_t n = 0;
   for (const LaunchSpec& l : specs) n += l.slots.size();
   const int64_t words = static_cast<int64_t>(std::max<size_t>(n, 1) * sizeof(Slot) / sizeof(uint64_t));
@@ -507,7 +519,7 @@ void fill_device_tables(Launches& L, const std::vector<LaunchSpec>& specs, int d
   for (const LaunchSpec& l : specs) out = std::copy(l.slots.begin(), l.slots.end(), out);
   L.slots = at::empty({words}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA, dev));
   L.slots.copy_(host, /*non_blocking=*/true);  // on the current stream, `stream`; torch keeps `host` until it is done
-  if (L.uploaded == nullptr) C10_CUDA_CHECK(cudaEventCreateWithFlags(&L.uploaded, cudaEventDisableTiming));
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&L.uploaded, cudaEventDisableTiming));  // on `dev`, the current device
   C10_CUDA_CHECK(cudaEventRecord(L.uploaded, stream.stream()));
   L.upload_stream = stream.stream();
   L.capacity = kDeviceSlots;
@@ -522,7 +534,8 @@ void fill_device_tables(Launches& L, const std::vector<LaunchSpec>& specs, int d
 // Whether a set's device tables may be read by this call (policy.h, read_device_table), and, eagerly on another
 // stream than the upload's, that stream ordered after the copy and the slots marked as used on it.
 bool device_tables_ready(Launches& L, const c10::cuda::CUDAStream& stream, bool capturing) {
-  if (!capturing && !L.upload_done) {
+  if (!L.upload_done) {
+    RelaxedCapture relaxed;  // a query of uncaptured work: legal beside (and during) a capture in relaxed mode
     const cudaError_t e = cudaEventQuery(L.uploaded);
     if (e == cudaErrorNotReady) (void)cudaGetLastError();  // not an error: the copy is still queued
     else C10_CUDA_CHECK(e);
@@ -562,22 +575,26 @@ const Launches& launches_for(const Plan& plan, int dev, const c10::cuda::CUDAStr
   };
   std::vector<LaunchSpec> specs = build(capacity);
   const bool device_table = use_device_table(specs.size(), force_small, plan.copies.empty());
-  Launches& out = (same && L.capacity == kDeviceSlots) || (device_table && capturing) ? *params : L;
-  if (&out == &L) retire(L);
-  out.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
-  out.key = plan.tensors;
-  out.skips = plan.writes;
+  // Built aside and moved in only once complete: an upload that throws leaves no table of another set reachable.
+  Launches next;
+  next.device = plan.copies.empty() ? dev : -1;  // tensors processed through copies: never reused
+  next.key = plan.tensors;
+  next.skips = plan.writes;
   if (device_table && !capturing) {  // a new set: uploaded now (under capture: its parameter tables, never cached)
     specs = build(static_cast<int>(std::min<size_t>(plan.tensors.size(), INT32_MAX)));
-    fill_device_tables(out, specs, dev, stream);
-    out.upload_done = false;
+    fill_device_tables(next, specs, dev, stream);
   } else {
-    fill_param_tables(out, specs, capacity);
+    fill_param_tables(next, specs, capacity);
   }
-  if (&out == params) out.device = -1;  // a stand-in for this call only
-  out.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
-  out.bytes = 0;
-  for (const TensorRef& t : plan.tensors) out.bytes += t.numel * dtype_size(t.dtype);
+  next.plan_chunks = specs.back().h.chunk_base + specs.back().h.n_chunks;
+  for (const TensorRef& t : plan.tensors) next.bytes += t.numel * dtype_size(t.dtype);
+  // The parameter tables of a set whose device table this call may not read (or a set that would take one, under
+  // capture) stand in for this call only; the cache keeps its device table.
+  const bool stand_in = (same && L.capacity == kDeviceSlots) || (device_table && capturing);
+  Launches& out = stand_in ? *params : L;
+  if (&out == &L) retire(L, capturing);
+  out = std::move(next);
+  if (stand_in) out.device = -1;
   return out;
 }
 
