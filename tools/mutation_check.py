@@ -50,7 +50,7 @@ MUTATIONS = [
     ("plan: partial overlaps not refused", "csrc/common/plan.cpp",
      "      w.overlap = true;\n", "", CORE),
     ("cpu: scale writes when the coefficient is 1", "csrc/cpu/clip_cpu.cpp",
-     "  if (coef == 1.0) return false;\n", "", CORE),
+     "  if (std::all_of(coefs.begin(), coefs.end(), [](double c) { return c == 1.0; })) return false;\n", "", CORE),
     ("cpu: bf16 stores truncate", "csrc/cpu/clip_cpu.cpp",
      "uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16)", "uint16_t(u >> 16)", CORE),
     ("torch backend: overlapping views not refused", "gradclip_cuda/_ops.py",
