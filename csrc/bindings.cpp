@@ -194,10 +194,6 @@ bool any_instance(py::handle seq, py::handle cls) {
 // The `.grad` of each parameter of `seq` (a list or tuple of tensors), Nones left out, read in C++: for tensor
 // subclasses (DTensor parameters) Python's `.grad` goes through the subclass's attribute machinery, microseconds a
 // parameter. None when an element is not a tensor.
-void prefetch_lines(const void* p, size_t bytes) {
-  for (size_t line = 0; line < bytes; line += 64) prefetch(static_cast<const char*>(p) + line);
-}
-
 // Reading a parameter's `.grad` chases four cold pointers (its Python object, its TensorImpl, its autograd metadata,
 // the gradient's TensorImpl, whose Python object is then looked up): perf put 60% of a pass over 5,000 parameters
 // on those loads. Each stage fetches the next link of a parameter further ahead, so the misses overlap.

@@ -38,8 +38,7 @@ static std::string format_p(double p) {
 static void prefetch_tensor(at::TensorList xs, size_t i) {
   constexpr size_t kNear = kPrefetchAhead / 2, kFar = kPrefetchAhead;
   if (i + kFar < xs.size()) {
-    const char* impl = reinterpret_cast<const char*>(xs[i + kFar].unsafeGetTensorImpl());
-    for (size_t line = 0; line < sizeof(c10::TensorImpl); line += 64) prefetch(impl + line);
+    prefetch_lines(xs[i + kFar].unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
   }
   if (i + kNear < xs.size()) {
     const c10::TensorImpl* impl = xs[i + kNear].unsafeGetTensorImpl();

@@ -68,6 +68,9 @@ inline void prefetch(const void* p) {
   __builtin_prefetch(p);
 #endif
 }
+inline void prefetch_lines(const void* p, size_t bytes) {
+  for (size_t line = 0; line < bytes; line += 64) prefetch(static_cast<const char*>(p) + line);
+}
 constexpr size_t kPrefetchAhead = 8;
 
 // Builds the plan for `xs` (at least one tensor); chunk_elems = 0 builds no chunk list (the CUDA launch tables
