@@ -5,6 +5,7 @@
 #include <torch/version.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -225,43 +226,79 @@ py::object grads_of(py::handle seq) {
   return out;
 }
 
-// DTensor gradients read in one C++ pass (gradclip_cuda/distributed.py, total_norm): `seq` a list or tuple of
-// tensors, None skipped; each DTensor (an instance of `dtensor_cls`) is read as its local shard (`_local_tensor`) and
-// the (mesh, placements) of its spec (`_spec`), a plain tensor as itself. Returns (local tensors grouped by their
+// DTensor gradients read in one C++ pass (gradclip_cuda/distributed.py): `seq` a list or tuple of tensors (None
+// skipped), or of parameters when `from_params` (their `.grad` read here, undefined ones skipped, with the prefetching
+// of grads_of); each DTensor (an instance of `dtensor_cls`) is read as its local shard (`_local_tensor`) and the
+// (mesh, placements) of its spec (`_spec`), a plain tensor as itself. Returns (local tensors grouped by their
 // (mesh, placements), stable; runs: [(unique index, count)] in that order; uniques: [(mesh, placements)], with
-// (None, None) for plain tensors), or None when an element is neither a tensor nor None. Placements are compared
-// by identity first, then by equality (==), with the (mesh, placements) of the previous DTensor tried first: the
-// gradients of a model share a handful.
-py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
+// (None, None) for plain tensors; the one device of the local tensors when every one is a tensor the compiled
+// kernels take as it is (plain_tensor), else None; torch's dtype of their total norm (result_dtype), None when there
+// are none; whether any gradient is a DTensor), or None when an element is neither a tensor nor None. One pass: the
+// device and dtype checks read each local TensorImpl while it is in cache (three later passes over thousands of cold
+// TensorImpls cost more than the reading itself). Placements are compared by identity first, then by equality (==),
+// with the (mesh, placements) of the previous DTensor tried first: the gradients of a model share a handful.
+py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_params) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
+  if (!PyType_Check(dtensor_cls.ptr())) return py::none();
   static PyObject* const s_local = PyUnicode_InternFromString("_local_tensor");
   static PyObject* const s_spec = PyUnicode_InternFromString("_spec");
   static PyObject* const s_mesh = PyUnicode_InternFromString("mesh");
   static PyObject* const s_placements = PyUnicode_InternFromString("placements");
+  auto* const cls = reinterpret_cast<PyTypeObject*>(dtensor_cls.ptr());
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq.ptr());
   PyObject** items = PySequence_Fast_ITEMS(seq.ptr());
+  // Staged passes, each chasing one cold pointer per gradient with the next ones prefetched (one pass chasing the
+  // whole chain stalls on each link in turn): the gradients' Python objects; their local shards and specs; the
+  // shards' TensorImpls.
+  std::vector<py::object> grads;
+  grads.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (from_params) {
+      prefetch_grad_chain(items, n, i);
+      if (!is_tensor(items[i])) return py::none();
+      const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
+      if (grad.defined()) grads.push_back(py::reinterpret_steal<py::object>(THPVariable_Wrap(grad)));
+    } else if (items[i] != Py_None) {
+      grads.push_back(py::reinterpret_borrow<py::object>(items[i]));
+    }
+  }
+  const size_t m = grads.size();
+  std::vector<py::object> locals_(m), specs_(m);  // specs_[i] null: a plain tensor
+  bool any_dt = false;
+  for (size_t i = 0; i < m; ++i) {
+    if (i + kPrefetchAhead < m) prefetch_lines(grads[i + kPrefetchAhead].ptr(), 160);  // header and slots
+    PyObject* g = grads[i].ptr();
+    if (!is_tensor(g)) return py::none();
+    if (PyType_IsSubtype(Py_TYPE(g), cls)) {
+      any_dt = true;
+      locals_[i] = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_local));
+      specs_[i] = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
+      if (!locals_[i] || !specs_[i]) throw py::error_already_set();
+      if (!is_tensor(locals_[i].ptr())) return py::none();
+    } else {
+      locals_[i] = grads[i];
+    }
+  }
   std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
   std::vector<std::vector<py::object>> members;
-  std::vector<std::pair<py::object, int>> specs;  // specs seen (the gradients of a model share a few), and their slot
+  std::vector<std::pair<PyObject*, int>> seen;  // specs seen (the gradients of a model share a few), and their slot
   int plain = -1, last = -1;
-  if (!PyType_Check(dtensor_cls.ptr())) return py::none();
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* g = items[i];
-    if (g == Py_None) continue;
-    if (!is_tensor(g)) return py::none();
-    const bool is_dt = PyType_IsSubtype(Py_TYPE(g), reinterpret_cast<PyTypeObject*>(dtensor_cls.ptr()));
+  bool all_plain = true;
+  c10::Device device(c10::DeviceType::Meta);
+  at::ScalarType st = at::ScalarType::Undefined;
+  for (size_t i = 0; i < m; ++i) {
+    if (i + 2 * kPrefetchAhead < m) prefetch(locals_[i + 2 * kPrefetchAhead].ptr());
+    if (i + kPrefetchAhead < m)
+      prefetch_lines(THPVariable_Unpack(locals_[i + kPrefetchAhead].ptr()).unsafeGetTensorImpl(),
+                     sizeof(c10::TensorImpl));
     int slot = -1;
-    py::object local;
-    if (is_dt) {
-      local = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_local));
-      py::object spec = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
-      if (!local || !spec) throw py::error_already_set();
-      if (!is_tensor(local.ptr())) return py::none();
-      for (const auto& [seen, j] : specs)
-        if (seen.ptr() == spec.ptr()) slot = j;
+    PyObject* spec = specs_[i].ptr();
+    if (spec != nullptr) {
+      for (const auto& [sp, j] : seen)
+        if (sp == spec) slot = j;
       if (slot < 0) {
-        py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_mesh));
-        py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec.ptr(), s_placements));
+        py::object mesh = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec, s_mesh));
+        py::object pl = py::reinterpret_steal<py::object>(PyObject_GetAttr(spec, s_placements));
         if (!mesh || !pl) throw py::error_already_set();
         auto same = [&](int j) {
           if (j < 0 || j == plain || uniques[j].first.ptr() != mesh.ptr()) return false;
@@ -278,8 +315,8 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
           uniques.emplace_back(mesh, pl);
           members.emplace_back();
         }
-        // A bounded list: the gradients of a model share a handful of specs.
-        if (specs.size() < 16) specs.emplace_back(spec, slot);
+        // A bounded list (specs_ holds them alive): the gradients of a model share a handful of specs.
+        if (seen.size() < 16) seen.emplace_back(spec, slot);
       }
       last = slot;
     } else {
@@ -289,9 +326,11 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
         members.emplace_back();
       }
       slot = plain;
-      local = py::reinterpret_borrow<py::object>(g);
     }
-    members[slot].push_back(std::move(local));
+    const at::Tensor& t = THPVariable_Unpack(locals_[i].ptr());
+    if (all_plain) all_plain = plain_tensor(t, device);
+    st = st == at::ScalarType::Undefined ? t.scalar_type() : c10::promoteTypes(st, t.scalar_type());
+    members[slot].push_back(std::move(locals_[i]));
   }
   py::list locals, runs, uniq;
   for (size_t j = 0; j < uniques.size(); ++j) {
@@ -299,8 +338,108 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls) {
     runs.append(py::make_tuple(j, members[j].size()));
     uniq.append(py::make_tuple(uniques[j].first, uniques[j].second));
   }
-  return py::make_tuple(locals, runs, uniq);
+  const bool empty = st == at::ScalarType::Undefined;
+  return py::make_tuple(locals, runs, uniq, all_plain && !empty ? py::cast(device) : py::none(),
+                        empty ? py::none() : py::cast(c10::toRealValueType(st)), any_dt);
 }
+
+// The local shards of one distributed call (gradclip_cuda/distributed.py), held from its norm to its scale: the
+// list is walked once for both and, on the CPU, one plan serves both passes (a norm of order p, then the in-place
+// pass when `writes`). `seq`: the call's own list of local shards on `device` (from dtensor_locals, which found them
+// plain; the plan's checks run all the same); the reference held here keeps them alive, so they are borrowed. Finite
+// p > 0 only (the per-key partials are sums). Passes over kReleaseGilElems or more release the GIL, as `fast` does.
+class LocalSet {
+ public:
+  LocalSet(py::list seq, c10::Device device, bool writes)
+      : seq_(std::move(seq)), ts_(seq_, "LocalSet"), device_(device), writes_(writes) {
+    TORCH_CHECK(!ts_.empty(), "LocalSet takes at least one tensor");
+    TORCH_CHECK(device.is_cpu()
+#ifdef GRADCLIP_WITH_CUDA
+                    || device.is_cuda()
+#endif
+                    , "LocalSet takes CPU or CUDA tensors, got ", device);
+    for (const at::Tensor& t : ts_.list()) elems_ += t.numel();
+  }
+
+  // Each key's sum of |x|^p over its shards: float64, one value per key, on the device. `runs`: (key, count) of
+  // consecutive shards, covering the list.
+  at::Tensor partials(double p, const std::vector<std::pair<int64_t, int64_t>>& runs, int64_t n_keys) {
+    TORCH_CHECK(std::isfinite(p) && p > 0, "LocalSet: partials are sums for finite p > 0, got p = ", p);
+    int64_t covered = 0;
+    for (const auto& [k, count] : runs) {
+      TORCH_CHECK(k >= 0 && k < n_keys && count >= 0, "LocalSet: bad run (", k, ", ", count, ")");
+      covered += count;
+    }
+    TORCH_CHECK(covered == static_cast<int64_t>(ts_.list().size()), "LocalSet: runs cover ", covered, " of ",
+                ts_.list().size(), " tensors");
+    at::Tensor each;
+    run([&](at::TensorList xs) {
+      if (device_.is_cpu()) {
+        if (!plan_) plan_.emplace(make_plan_for(xs, p));
+        each = partials_of_plan(*plan_, p);
+      }
+#ifdef GRADCLIP_WITH_CUDA
+      else {
+        each = multi_tensor_partials_cuda(xs, p);
+      }
+#endif
+    });
+    if (n_keys == 1 && runs.size() == 1) return each.sum().reshape({1});
+    std::vector<at::Tensor> per_key(n_keys);
+    int64_t start = 0;
+    for (const auto& [k, count] : runs) {
+      const at::Tensor s = each.narrow(0, start, count).sum();
+      per_key[k] = per_key[k].defined() ? per_key[k] + s : s;
+      start += count;
+    }
+    for (at::Tensor& v : per_key)
+      if (!v.defined()) v = at::zeros({}, each.options());
+    return at::stack(per_key);
+  }
+
+  // The finalised total of `combined` (the reduced partial, one value): (the total, 0-d in `dtype` on the device;
+  // the total the coefficient takes: float64 when `dtype` is, else float32).
+  std::pair<at::Tensor, at::Tensor> finish(const at::Tensor& combined, double p, at::ScalarType dtype) const {
+    TORCH_CHECK(combined.numel() == 1, "LocalSet: finish takes one value, got ", combined.numel());
+    at::Tensor t = combined.reshape({}).to(device_, at::kDouble);
+    t = p == 1.0 ? t : p == 2.0 ? t.sqrt() : t.pow(1.0 / p);
+    return {t.to(dtype), t.to(dtype == at::kDouble ? at::kDouble : at::kFloat)};
+  }
+
+  // Scales every shard in place by min(max_norm / (total + eps), 1), as the scale op does.
+  void scale(const at::Tensor& total, double max_norm, double eps) {
+    TORCH_CHECK(writes_, "LocalSet: built for a read-only pass");
+    run([&](at::TensorList xs) {
+      if (device_.is_cpu()) {
+        if (!plan_) plan_.emplace(make_plan_for(xs, 2.0));
+        scale_plan(*plan_, xs, total, max_norm, eps);
+      }
+#ifdef GRADCLIP_WITH_CUDA
+      else {
+        multi_tensor_scale_cuda(xs, total, max_norm, eps);
+      }
+#endif
+    });
+  }
+
+ private:
+  Plan make_plan_for(at::TensorList xs, double p) const { return make_plan(xs, kCpuChunk, {true, p, writes_}); }
+
+  template <typename F>
+  void run(F&& f) {
+    if (elems_ < kReleaseGilElems) return f(ts_.list());
+    const std::vector<at::Tensor> owned = ts_.owned();  // dropped once the GIL is back
+    py::gil_scoped_release nogil;
+    f(at::TensorList(owned));
+  }
+
+  py::list seq_;
+  Borrowed ts_;
+  c10::Device device_;
+  bool writes_;
+  int64_t elems_ = 0;
+  std::optional<Plan> plan_;
+};
 
 // The hot path of the drop-in API, with no Python loop over the tensors: `seq` is a list or tuple of parameters
 // (grads_of: their `.grad`, Nones skipped) or of tensors, all on one device whose type is in `devices` (1: CPU,
@@ -499,7 +638,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_kernels", &gradclip::register_kernels, "register the compiled kernels with the dispatcher");
   m.def("grads_of", &gradclip::grads_of, py::arg("seq"), "the defined .grad of each parameter, or None");
   m.def("dtensor_locals", &gradclip::dtensor_locals, py::arg("seq"), py::arg("dtensor_cls"),
-        "local shards of DTensor gradients grouped by (mesh, placements): (locals, runs, uniques), or None");
+        py::arg("from_params") = false,
+        "local shards of DTensor gradients grouped by (mesh, placements): (locals, runs, uniques, device, dtype, "
+        "any DTensor), or None");
   m.def("any_instance", &gradclip::any_instance, py::arg("seq"), py::arg("cls"),
         "whether any element of a list or tuple is an instance of cls");
   m.def("result_dtype", &gradclip::result_dtype, py::arg("seq"),
@@ -508,6 +649,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the one device of a list of tensors the compiled kernels take as they are, else None");
   m.def("fast", &gradclip::fast, py::arg("seq"), py::arg("grads_of"), py::arg("devices"), py::arg("op"),
         py::arg("a"), py::arg("b") = 0.0, py::arg("total") = py::none(), py::arg("eps") = 1e-6);
+  py::class_<gradclip::LocalSet>(m, "LocalSet")
+      .def(py::init<py::list, c10::Device, bool>(), py::arg("seq"), py::arg("device"), py::arg("writes"))
+      .def("partials", &gradclip::LocalSet::partials, py::arg("p"), py::arg("runs"), py::arg("n_keys"))
+      .def("finish", &gradclip::LocalSet::finish, py::arg("combined"), py::arg("p"), py::arg("dtype"))
+      .def("scale", &gradclip::LocalSet::scale, py::arg("total"), py::arg("max_norm"), py::arg("eps"));
   m.def("launch_tables", &gradclip::launch_tables, py::arg("numels"), py::arg("dtypes"), py::arg("skip"),
         py::arg("chunk_elems"), py::arg("capacity"));
   m.def("bump_versions", &gradclip::bump_versions_of, py::arg("seq"),

@@ -170,9 +170,7 @@ def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bo
     device = _ops.C.plain_device(tensors) if (_ops.C is not None and isinstance(tensors, (list, tuple))
                                              and not torch.compiler.is_compiling()) else None
     if device is not None:  # one device, dense dtypes the kernels take: nothing to raise, one group (a C++ pass)
-        if foreach and not _device_has_foreach_support(device):
-            raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
-        return {(device, False): (_impl_for(device, (), backend), tensors)}
+        return _one_group(device, tensors, foreach, backend)
     by_key: dict = {}
     for t in tensors:
         by_key.setdefault((t.device, t.layout != torch.strided), []).append(t)
@@ -187,6 +185,13 @@ def _groups(tensors, foreach, backend: str, writes: bool = False, complex_ok: bo
         for _, ts in out.values():
             _ops.check_overlaps(ts)
     return out
+
+
+def _one_group(device: torch.device, tensors, foreach, backend: str) -> dict:
+    """_groups of tensors known to be on ``device`` and of dense dtypes the compiled kernels take (_C.plain_device)."""
+    if foreach and not _device_has_foreach_support(device):
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return {(device, False): (_impl_for(device, (), backend), tensors)}
 
 
 def _total(groups: dict, p: float) -> torch.Tensor:
@@ -355,13 +360,15 @@ def clip_grad_norm_(parameters, max_norm: float, norm_type: float = 2.0, error_i
         if total is not None:
             return total
     with torch.no_grad():
-        grads = _grads(params)
-        if grouped or _dist.has_dtensor(grads):
-            total, acc, groups, mesh = _dist.total_norm(grads, p, foreach, backend, writes=True,
-                                                        process_group=process_group, pp_group=pp_group)
+        from_params = grouped or _dist.first_is_dtensor(params)  # the distributed path reads the .grad itself
+        grads = params if from_params else _grads(params)
+        if from_params or _dist.has_dtensor(grads):
+            total, acc, shards, mesh = _dist.total_norm(grads, p, foreach, backend, writes=True,
+                                                        process_group=process_group, pp_group=pp_group,
+                                                        from_params=from_params, keep_set=True)
             if error_if_nonfinite:
                 _check_finite(total, p)
-            _scale(groups, acc, max_norm, eps, backend)
+            _dist.scale(shards, acc, max_norm, eps, backend)
             return _dist.wrap(total, mesh)
         if not grads:
             return torch.tensor(0.0)

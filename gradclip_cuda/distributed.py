@@ -181,22 +181,30 @@ def _plan(grads, process_group):
     return plan, out, locals_
 
 
-def _fast_plan(grads, process_group):
-    """What _plan gives, from one C++ pass over the gradients (_C.dtensor_locals), or None where it does not apply:
-    (plan, runs [(key, count)] of the local shards in their new order, local shards grouped by (mesh, placements),
-    their one device). Applies when every local shard is a plain tensor the compiled kernels take, on one device."""
+def first_is_dtensor(params) -> bool:
+    """Whether the first of ``params`` is a DTensor (FSDP2 and TP parameters all are): the API then reads their
+    gradients with the distributed path's own pass (total_norm's ``from_params``) instead of a pass of its own."""
+    DTensor = _dtensor_class()
+    return DTensor is not None and isinstance(params, (list, tuple)) and len(params) > 0 and \
+        isinstance(params[0], DTensor)
+
+
+def _fast_plan(seq, process_group, from_params: bool):
+    """What _plan gives, from one C++ pass over the gradients, or over the parameters' ``.grad`` when
+    ``from_params`` (_C.dtensor_locals), or None where it does not apply: (plan, runs [(key, count)] of the local
+    shards in their new order, local shards grouped by (mesh, placements), their one device, torch's dtype of their
+    total). Applies when every local shard is a plain tensor the compiled kernels take, on one device."""
     DTensor = _dtensor_class()
     if _ops.C is None or DTensor is None or torch.compiler.is_compiling():
         return None
-    read = _ops.C.dtensor_locals(grads, DTensor)
+    read = _ops.C.dtensor_locals(seq, DTensor, from_params)
     if read is None:
         return None
-    locals_, runs, uniques = read
-    device = _ops.C.plain_device(locals_)
+    locals_, runs, uniques, device, dtype, _ = read
     if device is None:
         return None
     plan, keys = _cached_keys(uniques, process_group)
-    return plan, [(keys[u], count) for u, count in runs], locals_
+    return plan, [(keys[u], count) for u, count in runs], locals_, device, dtype
 
 
 _key_cache: dict = {}  # (meshes and placements, process_group) -> (meshes, plan, keys); the last few layouts
@@ -245,19 +253,32 @@ def _comm_device(plan, locals_, pgs) -> torch.device:
 
 
 def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_group=None, pp_group=None,
-               complex_ok: bool = True):
-    """The total p-norm of distributed ``grads`` (DTensors and plain tensors), reduced over every group they need.
+               complex_ok: bool = True, from_params: bool = False, keep_set: bool = False):
+    """The total p-norm of distributed ``grads`` (DTensors and plain tensors), reduced over every group they need;
+    ``from_params``: ``grads`` are parameters, whose defined ``.grad`` are the gradients.
 
     Returns (total in torch's result dtype on the first gradient's device, total in float32 (float64 for float64
-    gradients) for the coefficient, the device groups of local shards as api._groups makes them). Every rank of the
-    groups involved must call it with gradients on the same meshes, in the same order."""
+    gradients) for the coefficient, the device groups of local shards as api._groups makes them, the first
+    DTensor's mesh). With ``keep_set``, the third may instead be the _C.LocalSet the norm ran on (scale it with
+    ``scale``). Every rank of the groups involved must call it with gradients on the same meshes, in the same
+    order."""
     from . import api
     pps = _pp_list(pp_group)
     skip_empty = math.isinf(p) or p < 0
-    fast = None if skip_empty else _fast_plan(grads, process_group)
+    fast = None if skip_empty else _fast_plan(grads, process_group, from_params)
     if fast is not None:
-        plan, runs, locals_ = fast
-        return _reduce(plan, locals_, api._groups(locals_, foreach, backend), p, pps, runs=runs, backend=backend)
+        plan, runs, locals_, device, dtype = fast
+        groups = api._one_group(device, locals_, foreach, backend)
+        if p > 0 and groups[(device, False)][0] is api._OPS and \
+                api._fast(backend) & (api._CPU if device.type == "cpu" else api._CUDA):
+            # the compiled kernels over one list held from the norm to the scale (_C.LocalSet)
+            local_set = _ops.C.LocalSet(locals_, device, writes)
+            combined = _reduce_keys(plan, local_set.partials(p, runs, len(plan.keys)), p, pps)
+            total, acc = local_set.finish(combined, p, dtype)
+            return total, acc, local_set if keep_set else groups, plan.mesh
+        return _reduce(plan, locals_, groups, p, pps, runs=runs, backend=backend, dtype=dtype)
+    if from_params:
+        grads = api._grads(grads)
     plan, kidx, locals_ = _plan(grads, process_group)
     if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
         _ops.check_tensors(locals_, 2.0)
@@ -278,6 +299,16 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
     return _reduce(plan, locals_, groups, p, pps, kidx=kidx, backend=backend)
 
 
+def scale(groups, total: torch.Tensor, max_norm: float, eps: float, backend: str) -> None:
+    """Scales the local shards total_norm returned (its device groups, or its _C.LocalSet) by the coefficient of
+    ``total``."""
+    from . import api
+    if isinstance(groups, dict):
+        api._scale(groups, total, max_norm, eps, backend)
+    else:
+        groups.scale(total, max_norm, eps)
+
+
 def _runs(ks):
     """[(key, count)] of consecutive equal keys."""
     out = []
@@ -289,10 +320,39 @@ def _runs(ks):
     return out
 
 
-def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto"):
+def _reduce_keys(plan, vals: torch.Tensor, p: float, pps) -> torch.Tensor:
+    """One all-reduce per distinct group of ``plan`` over the partials of the keys that contain it (``vals``:
+    float64, one un-finalised partial per key, for p != 0; reduced in place), then the keys combined and the result
+    reduced over each pipeline group: the combined partial, one value."""
+    op = _op(p)
+    n = len(plan.keys)
+    for gi, pg in enumerate(plan.groups):
+        members = [k for k, key in enumerate(plan.keys) if gi in key]
+        if len(members) == n:
+            dist.all_reduce(vals, op=op, group=pg)
+        else:
+            buf = torch.cat([vals[k:k + 1] for k in members])
+            dist.all_reduce(buf, op=op, group=pg)
+            for i, k in enumerate(members):
+                vals[k] = buf[i]
+    if n == 1:
+        combined = vals
+    elif n == 0:
+        combined = (_identity(p, vals.device) if p == -math.inf else vals.new_zeros(())).reshape(1)
+    else:
+        combined = (vals.amax(0, keepdim=True) if p == math.inf else vals.amin(0, keepdim=True)
+                    if p == -math.inf else vals.sum(0, keepdim=True))
+    for pg in pps:
+        if len(_ranks(pg, "pp_group")) > 1:
+            dist.all_reduce(combined, op=op, group=pg)
+    return combined
+
+
+def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto", dtype=None):
     """The rest of total_norm: one norm launch per device group of local shards (per-tensor norms), each key's
     un-finalised partial, one all-reduce per distinct group, the keys and pipeline stages combined. ``runs``: the
-    (key, count) runs of the shards as ``groups`` holds them (one group); else ``kidx``, each shard's key."""
+    (key, count) runs of the shards as ``groups`` holds them (one group); else ``kidx``, each shard's key. ``dtype``:
+    torch's dtype of the total, when the caller has it."""
     from . import api
     skip_empty = math.isinf(p) or p < 0
     dev = _comm_device(plan, locals_, plan.groups + pps)
@@ -324,54 +384,43 @@ def _reduce(plan, locals_, groups, p, pps, kidx=None, runs=None, backend="auto")
             else:
                 c = seg.sum()
             contributions[k].append(c)
-    # Un-finalised partial per key.
-    partials = []
-    for cs in contributions:
-        if not cs:
-            partials.append(torch.zeros(0, dtype=torch.float64, device=dev) if p == 0 else _identity(p, dev))
-        elif p == 0:
-            partials.append(torch.cat(cs) if len(cs) > 1 else cs[0])
-        elif len(cs) == 1:
-            partials.append(cs[0])
-        else:
-            s = torch.stack(cs)
-            partials.append(s.max() if p == math.inf else s.min() if p == -math.inf else s.sum())
-    op = _op(p)
-    # One all-reduce per distinct group, of the partials of every key that contains it.
-    for gi, pg in enumerate(plan.groups):
-        members = [k for k, key in enumerate(plan.keys) if gi in key]
-        flat = [partials[k].reshape(-1) for k in members]
-        buf = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
-        dist.all_reduce(buf, op=op, group=pg)
-        start = 0
-        for k in members:
-            n = partials[k].numel()
-            partials[k] = buf[start:start + n].reshape(partials[k].shape)
-            start += n
-    # Combine the keys, then the pipeline stages.
-    if p == 0:
-        per_key = [(v != 0).sum().to(torch.float64) for v in partials]
+    if p != 0:
+        partials = [_identity(p, dev) if not cs else cs[0] if len(cs) == 1 else
+                    (torch.stack(cs).max() if p == math.inf else torch.stack(cs).min() if p == -math.inf
+                     else torch.stack(cs).sum()) for cs in contributions]
+        vals = torch.stack(partials) if partials else torch.zeros(0, dtype=torch.float64, device=dev)
+        combined = _reduce_keys(plan, vals, p, pps).reshape(())
     else:
-        per_key = partials
-    if not per_key:
-        combined = torch.zeros((), dtype=torch.float64, device=dev) if p != -math.inf else _identity(p, dev)
-    elif len(per_key) == 1:
-        combined = per_key[0]
-    else:
-        s = torch.stack(per_key)
-        combined = s.max() if p == math.inf else s.min() if p == -math.inf else s.sum()
-    if pps:
-        combined = combined.clone()
-        for pg in pps:
-            if len(_ranks(pg, "pp_group")) > 1:
-                dist.all_reduce(combined, op=op, group=pg)
+        # p = 0: each key's partial is the vector of its tensors' nonzero counts (torch counts the tensors that hold
+        # a nonzero element), reduced elementwise, then counted
+        partials = [torch.cat(cs) if len(cs) > 1 else cs[0] if cs else torch.zeros(0, dtype=torch.float64,
+                                                                                     device=dev)
+                    for cs in contributions]
+        for gi, pg in enumerate(plan.groups):
+            members = [k for k, key in enumerate(plan.keys) if gi in key]
+            flat = [partials[k] for k in members]
+            buf = torch.cat(flat) if len(flat) > 1 else flat[0].clone()
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=pg)
+            start = 0
+            for k in members:
+                n = partials[k].numel()
+                partials[k] = buf[start:start + n]
+                start += n
+        combined = (torch.stack([(v != 0).sum().to(torch.float64) for v in partials]).sum() if partials
+                    else torch.zeros((), dtype=torch.float64, device=dev))
+        if pps:
+            combined = combined.clone()
+            for pg in pps:
+                if len(_ranks(pg, "pp_group")) > 1:
+                    dist.all_reduce(combined, op=dist.ReduceOp.SUM, group=pg)
     if p == 0 or math.isinf(p) or p == 1.0:
         total64 = combined
     elif p == 2.0:
         total64 = combined.sqrt()
     else:
         total64 = combined.pow(1.0 / p)
-    dtype = _ops.result_dtype(locals_) if locals_ else torch.float32
+    if dtype is None:
+        dtype = _ops.result_dtype(locals_) if locals_ else torch.float32
     out_dev = locals_[0].device if locals_ else dev
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     return total64.to(device=out_dev, dtype=dtype), total64.to(device=out_dev, dtype=acc), groups, plan.mesh

@@ -73,7 +73,7 @@ RTOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 
 def check_clip(params, ref_grads, p, *, collectives, expect, pp_group=None, process_group=None, max_frac=0.5,
-               dtensor_total=True):
+               dtensor_total=True, backend="auto"):
     """clip_grad_norm_ of ``params`` (this rank's) against torch's on ``ref_grads`` (the unsharded gradients of the
     whole model, on every rank). ``expect(i, clipped_refs)`` gives the value this rank's i-th gradient must hold
     afterwards, compared with ``_full(grad)``. Restores the gradients afterwards."""
@@ -86,7 +86,8 @@ def check_clip(params, ref_grads, p, *, collectives, expect, pp_group=None, proc
     ref_total = torch.nn.utils.clip_grad_norm_(ref, max_norm, p)
     saved = [_local(q.grad).clone() for q in params]
     with counting() as calls:
-        total = gc.clip_grad_norm_(params, max_norm, p, pp_group=pp_group, process_group=process_group)
+        total = gc.clip_grad_norm_(params, max_norm, p, pp_group=pp_group, process_group=process_group,
+                                   backend=backend)
     from torch.distributed.tensor import DTensor
     assert isinstance(total, DTensor) == dtensor_total, type(total)
     if dtensor_total:
@@ -160,6 +161,19 @@ def s_fsdp(rank, world):
     assert any(q.grad.to_local().numel() == 0 for q in params) == (rank == 1)
     for p in (2.0, 1.0, INF, -INF, 0.0, 3.0):
         check_clip(params, refs, p, collectives=1, expect=_same_full(params))
+
+
+def s_fsdp_torch_backend(rank, world):
+    """backend='torch' (and the gradients read through .grad in Python): the general reduction, not _C.LocalSet."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    ref = _mlp(0, sizes=(16, 12, 7, 1))
+    model = _fsdp(mesh, copy.deepcopy(ref))
+    _backward(model, ref)
+    params = list(model.parameters())
+    refs = [q.grad for q in ref.parameters()]
+    for p in (2.0, 3.0, INF):
+        check_clip(params, refs, p, collectives=1, expect=_same_full(params), backend="torch")
 
 
 def s_fsdp_bf16(rank, world):
@@ -453,7 +467,7 @@ def s_fsdp_tp(rank, world):
 
 
 SCENARIOS = {
-    2: ["fsdp", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "amp", "errors"],
+    2: ["fsdp", "fsdp_torch_backend", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "amp", "errors"],
     4: ["hsdp", "two_meshes", "pp_fsdp", "pp_list", "fsdp_tp"],
 }
 

@@ -215,3 +215,118 @@ def test_any_instance_and_grads_of_read_every_element():
     assert [g is q.grad for g, q in zip(got, [q for q in params if q.grad is not None])] == [True] * len(got)
     assert len(got) == sum(1 for q in params if q.grad is not None)
     assert _ops.C.grads_of(params[:5] + [3.0]) is None
+
+
+class _FakeSpec:
+    def __init__(self, mesh, placements):
+        self.mesh, self.placements = mesh, placements
+
+
+class _FakeDTensor(torch.Tensor):
+    """What _C.dtensor_locals reads of a DTensor: its ``_local_tensor`` and its ``_spec`` (mesh, placements)."""
+
+
+def _fake_dtensor(local, spec):
+    d = torch.zeros(0).as_subclass(_FakeDTensor)
+    d._local_tensor, d._spec = local, spec
+    return d
+
+
+@needs_c
+def test_dtensor_locals_groups_shards_and_reports_device_and_dtype():
+    mesh_a, mesh_b = object(), object()
+    pl = ("Shard(0)",)
+    specs = [_FakeSpec(mesh_a, pl), _FakeSpec(mesh_a, tuple(list(pl))), _FakeSpec(mesh_b, pl)]  # 0, 1: one layout
+    gen = torch.Generator().manual_seed(0)
+    grads, want = [], {0: [], 1: [], 2: []}  # layout -> its shards in list order (2: plain tensors)
+    for i in range(45):  # past every prefetch distance
+        local = torch.randn(3 + i % 4, generator=gen, dtype=torch.bfloat16 if i == 30 else torch.float32)
+        if i % 5 == 4:
+            grads.append(local)
+            want[2].append(local)
+        else:
+            layout = 1 if i % 5 == 3 else 0
+            grads.append(_fake_dtensor(local, specs[2 if layout else i % 2]))
+            want[layout].append(local)
+    params = []
+    for g in grads:
+        params.append(torch.nn.Parameter(torch.zeros_like(g)))
+        params[-1].grad = g
+        params.append(torch.nn.Parameter(torch.zeros(2)))  # no .grad: left out
+    for read in (_ops.C.dtensor_locals(grads + [None], _FakeDTensor),
+                 _ops.C.dtensor_locals(tuple(grads), _FakeDTensor, False),
+                 _ops.C.dtensor_locals(params, _FakeDTensor, True)):
+        locals_, runs, uniques, device, dtype, any_dt = read
+        assert [u for u, _ in runs] == [0, 1, 2] and [c for _, c in runs] == [len(want[k]) for k in range(3)]
+        assert uniques[0][0] is mesh_a and uniques[1][0] is mesh_b and uniques[2] == (None, None)
+        assert [t is w for t, w in zip(locals_, want[0] + want[1] + want[2])] == [True] * len(grads)
+        assert device == torch.device("cpu") and dtype == torch.float32 and any_dt
+    # device: None as soon as one shard is not a tensor the kernels take as it is; the dtype is still torch's
+    for odd, dtype in ((torch.zeros(3, dtype=torch.int64), torch.float32),
+                       (torch.zeros(3, dtype=torch.float64).to_sparse(), torch.float64),
+                       (torch.zeros(3, dtype=torch.complex64), torch.float32)):
+        got = _ops.C.dtensor_locals([grads[0], _fake_dtensor(odd, specs[0])], _FakeDTensor)
+        assert got[3:] == (None, dtype, True), (odd.dtype, got[3:])
+    plain = [torch.zeros(2), torch.zeros(2, dtype=torch.float64)]
+    assert _ops.C.dtensor_locals(plain, _FakeDTensor)[3:] == (torch.device("cpu"), torch.float64, False)
+    assert _ops.C.dtensor_locals([], _FakeDTensor)[3:] == (None, None, False)
+    assert _ops.C.dtensor_locals(plain + [3.0], _FakeDTensor) is None
+    assert _ops.C.dtensor_locals(params[:4] + [3.0], _FakeDTensor, True) is None
+
+
+@needs_c
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5])
+def test_local_set_partials_finish_and_scale(p):
+    # _C.LocalSet: a distributed clip's local shards, one list (and one CPU plan) for the norm and the scale
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(37,), (5, 9), (70_000,), (1,), (300, 7), (0,), (4, 4)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float32, torch.float64, torch.float16, torch.float32, torch.float32]
+    xs = [(torch.randn(s, generator=gen) * 0.1).to(dt) for s, dt in zip(shapes, dtypes)]
+    xs[6] = xs[6].t()  # not contiguous: processed through a copy, written back
+    runs = [(1, 2), (0, 3), (1, 2)]  # key 1, key 0, key 1 again; key 2 has no shard
+    keys = [k for k, c in runs for _ in range(c)]
+    each = torch.stack([x.double().abs().pow(p).sum() for x in xs])
+    want = torch.stack([each[[i for i, k in enumerate(keys) if k == key]].sum() for key in range(3)])
+    s = _ops.C.LocalSet(list(xs), torch.device("cpu"), True)
+    got = s.partials(p, runs, 3)
+    assert got.dtype == torch.float64 and got.shape == (3,) and got[2] == 0
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=0)
+    # the same values as the partials op the general path reads, summed per key
+    ops_each = _ops.C.fast(list(xs), False, 1, 5, p)
+    assert torch.equal(got[0], ops_each[2:5].sum())
+    combined = got.sum().reshape(1)
+    total, acc = s.finish(combined, p, torch.bfloat16)
+    assert total.dtype == torch.bfloat16 and acc.dtype == torch.float32 and total.dim() == 0
+    ref = combined.reshape(()).pow(1 / p) if p not in (1.0, 2.0) else combined.reshape(()).sqrt() if p == 2 \
+        else combined.reshape(())  # finalised in float64, then rounded
+    assert torch.equal(acc, ref.float()) and torch.equal(total, ref.bfloat16())
+    t64, a64 = s.finish(combined, p, torch.float64)
+    assert torch.equal(t64, ref) and torch.equal(a64, ref)
+    # the scale: bitwise what the scale op writes, versions bumped as by an in-place op
+    copies = [x.clone() for x in xs]
+    _ops.C.fast(copies, False, 1, 1, 0.3 * float(acc), 0.0, acc, 1e-6)
+    versions = [x._version for x in xs]
+    s.scale(acc, 0.3 * float(acc), 1e-6)
+    assert all(torch.equal(x, c) for x, c in zip(xs, copies))
+    assert all(x._version > v for x, v in zip(xs, versions) if x.numel())
+    # a read-only set refuses to scale; bad orders and runs are refused
+    ro = _ops.C.LocalSet(list(xs), torch.device("cpu"), False)
+    with pytest.raises(RuntimeError, match="read-only"):
+        ro.scale(acc, 1.0, 1e-6)
+    for bad_p in (0.0, -1.0, math.inf):
+        with pytest.raises(RuntimeError, match="finite p > 0"):
+            ro.partials(bad_p, runs, 3)
+    for bad in ([(0, 3)], [(3, 7)], [(0, 8)]):
+        with pytest.raises(RuntimeError, match="run"):
+            ro.partials(p, bad, 3)
+
+
+@needs_c
+def test_local_set_refuses_partly_overlapping_shards_before_writing():
+    base = torch.randn(100)
+    xs = [base[:60], base[40:]]  # partly overlapping: no order of writes scales each element once
+    before = base.clone()
+    assert torch.isfinite(_ops.C.LocalSet(xs, torch.device("cpu"), False).partials(2.0, [(0, 2)], 1)).all()
+    with pytest.raises(RuntimeError, match="overlap"):
+        _ops.C.LocalSet(xs, torch.device("cpu"), True).partials(2.0, [(0, 2)], 1)
+    assert torch.equal(base, before)

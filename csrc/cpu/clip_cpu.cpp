@@ -384,20 +384,27 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, doub
   return {scalar_of(r.total, out), each.to(out)};
 }
 
-at::Tensor multi_tensor_partials_cpu(at::TensorList xs, double p) {
-  const Plan plan = make_plan(xs, kCpuChunk, {true, p});
+at::Tensor partials_of_plan(const Plan& plan, double p) {
   const NormResult r = compute_norm(plan, p, true, true);
-  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, at::TensorOptions().dtype(at::kDouble));
+  at::Tensor out = at::empty({static_cast<int64_t>(plan.tensors.size())}, at::TensorOptions().dtype(at::kDouble));
   std::copy(r.per_tensor.begin(), r.per_tensor.end(), out.data_ptr<double>());
   return out;
 }
 
-void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {
+void scale_plan(Plan& plan, at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {
   std::vector<double> coefs = host_values(xs, total, "total_norm");
-  Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
   const bool f64 = total.scalar_type() == at::kDouble;
   for (double& c : coefs) c = coef_for(c, f64, max_norm, eps);
   if (apply_scale(plan, coefs)) bump_versions(xs);
+}
+
+at::Tensor multi_tensor_partials_cpu(at::TensorList xs, double p) {
+  return partials_of_plan(make_plan(xs, kCpuChunk, {true, p}), p);
+}
+
+void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps) {
+  Plan plan = make_plan(xs, kCpuChunk, {false, 2.0, true});
+  scale_plan(plan, xs, total, max_norm, eps);
 }
 
 void multi_tensor_mul_cpu(at::TensorList xs, const at::Tensor& coef) {

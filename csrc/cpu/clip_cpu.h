@@ -5,6 +5,8 @@
 
 #include <tuple>
 
+#include "common/plan.h"
+
 namespace gradclip {
 
 // Total (0-d, in the promoted dtype of xs, as torch returns it) and, when asked, the norm of each tensor.
@@ -13,6 +15,10 @@ std::tuple<at::Tensor, at::Tensor> multi_tensor_norm_cpu(at::TensorList xs, doub
 // the nonzero count for p = 0): what a distributed total reduces across ranks. Not an op: _C.fast only.
 at::Tensor multi_tensor_partials_cpu(at::TensorList xs, double p);
 void multi_tensor_scale_cpu(at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
+// The same two passes over a plan (make_plan with kCpuChunk) built once for both: a distributed clip's norm and
+// scale (bindings.cpp, LocalSet); scale_plan writes xs, the tensors the plan was built from.
+at::Tensor partials_of_plan(const Plan& plan, double p);
+void scale_plan(Plan& plan, at::TensorList xs, const at::Tensor& total, double max_norm, double eps);
 void multi_tensor_mul_cpu(at::TensorList xs, const at::Tensor& coef);
 at::Tensor clip_grad_norm_cpu(at::TensorList xs, double max_norm, double p, double eps);
 void clip_grad_value_cpu(at::TensorList xs, double clip_value);
