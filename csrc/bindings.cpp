@@ -4,6 +4,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <structmember.h>
 
 #include <cmath>
 #include <cstring>
@@ -237,6 +238,16 @@ py::object grads_of(py::handle seq) {
 // device and dtype checks read each local TensorImpl while it is in cache (three later passes over thousands of cold
 // TensorImpls cost more than the reading itself). Placements are compared by identity first, then by equality (==),
 // with the (mesh, placements) of the previous DTensor tried first: the gradients of a model share a handful.
+// The byte offset at which instances of `type` hold attribute `name`, when generic attribute lookup reads it from an
+// object slot (a __slots__ member), else -1.
+Py_ssize_t member_offset(PyTypeObject* type, PyObject* name) {
+  if (type->tp_getattro != PyObject_GenericGetAttr) return -1;
+  PyObject* d = _PyType_Lookup(type, name);  // borrowed
+  if (d == nullptr || Py_TYPE(d) != &PyMemberDescr_Type) return -1;
+  const PyMemberDef* member = reinterpret_cast<PyMemberDescrObject*>(d)->d_member;
+  return member->type == T_OBJECT_EX && !(member->flags & READ_RESTRICTED) ? member->offset : -1;
+}
+
 py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_params) {
   if (!PyList_Check(seq.ptr()) && !PyTuple_Check(seq.ptr())) return py::none();
   if (!PyType_Check(dtensor_cls.ptr())) return py::none();
@@ -263,36 +274,46 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
     }
   }
   const size_t m = grads.size();
-  std::vector<py::object> locals_(m), specs_(m);  // specs_[i] null: a plain tensor
+  // Borrowed: the gradients in `grads` hold them, and nothing runs Python code (which could rebind a slot) before
+  // they are appended to the result. Read straight from the instance where the attribute is a __slots__ member of
+  // the DTensor class itself (what generic attribute lookup would read), else through getattr.
+  std::vector<PyObject*> locals_(m), specs_(m, nullptr);  // specs_[i] null: a plain tensor
+  std::vector<py::object> held;                         // what getattr returned, for the rest of the call
+  const Py_ssize_t local_at = member_offset(cls, s_local), spec_at = member_offset(cls, s_spec);
   bool any_dt = false;
+  auto attr = [&](PyObject* g, Py_ssize_t offset, PyObject* name) {
+    if (offset >= 0 && Py_TYPE(g) == cls)
+      if (PyObject* v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(g) + offset)) return v;
+    held.push_back(py::reinterpret_steal<py::object>(PyObject_GetAttr(g, name)));
+    if (!held.back()) throw py::error_already_set();
+    return held.back().ptr();
+  };
   for (size_t i = 0; i < m; ++i) {
     if (i + kPrefetchAhead < m) prefetch_lines(grads[i + kPrefetchAhead].ptr(), 160);  // header and slots
     PyObject* g = grads[i].ptr();
     if (!is_tensor(g)) return py::none();
     if (PyType_IsSubtype(Py_TYPE(g), cls)) {
       any_dt = true;
-      locals_[i] = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_local));
-      specs_[i] = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, s_spec));
-      if (!locals_[i] || !specs_[i]) throw py::error_already_set();
-      if (!is_tensor(locals_[i].ptr())) return py::none();
+      locals_[i] = attr(g, local_at, s_local);
+      specs_[i] = attr(g, spec_at, s_spec);
+      if (!is_tensor(locals_[i])) return py::none();
     } else {
-      locals_[i] = grads[i];
+      locals_[i] = g;
     }
   }
   std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
-  std::vector<std::vector<py::object>> members;
+  std::vector<std::vector<PyObject*>> members;
   std::vector<std::pair<PyObject*, int>> seen;  // specs seen (the gradients of a model share a few), and their slot
   int plain = -1, last = -1;
   bool all_plain = true;
   c10::Device device(c10::DeviceType::Meta);
   at::ScalarType st = at::ScalarType::Undefined;
   for (size_t i = 0; i < m; ++i) {
-    if (i + 2 * kPrefetchAhead < m) prefetch(locals_[i + 2 * kPrefetchAhead].ptr());
+    if (i + 2 * kPrefetchAhead < m) prefetch(locals_[i + 2 * kPrefetchAhead]);
     if (i + kPrefetchAhead < m)
-      prefetch_lines(THPVariable_Unpack(locals_[i + kPrefetchAhead].ptr()).unsafeGetTensorImpl(),
-                     sizeof(c10::TensorImpl));
+      prefetch_lines(THPVariable_Unpack(locals_[i + kPrefetchAhead]).unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
     int slot = -1;
-    PyObject* spec = specs_[i].ptr();
+    PyObject* spec = specs_[i];
     if (spec != nullptr) {
       for (const auto& [sp, j] : seen)
         if (sp == spec) slot = j;
@@ -327,14 +348,18 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
       }
       slot = plain;
     }
-    const at::Tensor& t = THPVariable_Unpack(locals_[i].ptr());
+    const at::Tensor& t = THPVariable_Unpack(locals_[i]);
     if (all_plain) all_plain = plain_tensor(t, device);
     st = st == at::ScalarType::Undefined ? t.scalar_type() : c10::promoteTypes(st, t.scalar_type());
-    members[slot].push_back(std::move(locals_[i]));
+    members[slot].push_back(locals_[i]);
   }
-  py::list locals, runs, uniq;
+  py::list locals(m), runs, uniq;
+  size_t pos = 0;
   for (size_t j = 0; j < uniques.size(); ++j) {
-    for (auto& t : members[j]) locals.append(t);
+    for (PyObject* t : members[j]) {
+      Py_INCREF(t);
+      PyList_SET_ITEM(locals.ptr(), pos++, t);
+    }
     runs.append(py::make_tuple(j, members[j].size()));
     uniq.append(py::make_tuple(uniques[j].first, uniques[j].second));
   }

@@ -226,14 +226,24 @@ class _FakeDTensor(torch.Tensor):
     """What _C.dtensor_locals reads of a DTensor: its ``_local_tensor`` and its ``_spec`` (mesh, placements)."""
 
 
-def _fake_dtensor(local, spec):
-    d = torch.zeros(0).as_subclass(_FakeDTensor)
+class _SlotDTensor(torch.Tensor):
+    """The same in __slots__, as torch's DTensor holds them (read from the instance in C++)."""
+    __slots__ = ("_local_tensor", "_spec")
+
+
+class _SlotDTensorSub(_SlotDTensor):
+    """A subclass: read through getattr."""
+
+
+def _fake_dtensor(local, spec, cls=_FakeDTensor):
+    d = torch.zeros(0).as_subclass(cls)
     d._local_tensor, d._spec = local, spec
     return d
 
 
 @needs_c
-def test_dtensor_locals_groups_shards_and_reports_device_and_dtype():
+@pytest.mark.parametrize("cls", [_FakeDTensor, _SlotDTensor])
+def test_dtensor_locals_groups_shards_and_reports_device_and_dtype(cls):
     mesh_a, mesh_b = object(), object()
     pl = ("Shard(0)",)
     specs = [_FakeSpec(mesh_a, pl), _FakeSpec(mesh_a, tuple(list(pl))), _FakeSpec(mesh_b, pl)]  # 0, 1: one layout
@@ -246,16 +256,16 @@ def test_dtensor_locals_groups_shards_and_reports_device_and_dtype():
             want[2].append(local)
         else:
             layout = 1 if i % 5 == 3 else 0
-            grads.append(_fake_dtensor(local, specs[2 if layout else i % 2]))
+            grads.append(_fake_dtensor(local, specs[2 if layout else i % 2], _SlotDTensorSub if i == 7 and cls is _SlotDTensor else cls))
             want[layout].append(local)
     params = []
     for g in grads:
         params.append(torch.nn.Parameter(torch.zeros_like(g)))
         params[-1].grad = g
         params.append(torch.nn.Parameter(torch.zeros(2)))  # no .grad: left out
-    for read in (_ops.C.dtensor_locals(grads + [None], _FakeDTensor),
-                 _ops.C.dtensor_locals(tuple(grads), _FakeDTensor, False),
-                 _ops.C.dtensor_locals(params, _FakeDTensor, True)):
+    for read in (_ops.C.dtensor_locals(grads + [None], cls),
+                 _ops.C.dtensor_locals(tuple(grads), cls, False),
+                 _ops.C.dtensor_locals(params, cls, True)):
         locals_, runs, uniques, device, dtype, any_dt = read
         assert [u for u, _ in runs] == [0, 1, 2] and [c for _, c in runs] == [len(want[k]) for k in range(3)]
         assert uniques[0][0] is mesh_a and uniques[1][0] is mesh_b and uniques[2] == (None, None)
@@ -265,13 +275,16 @@ def test_dtensor_locals_groups_shards_and_reports_device_and_dtype():
     for odd, dtype in ((torch.zeros(3, dtype=torch.int64), torch.float32),
                        (torch.zeros(3, dtype=torch.float64).to_sparse(), torch.float64),
                        (torch.zeros(3, dtype=torch.complex64), torch.float32)):
-        got = _ops.C.dtensor_locals([grads[0], _fake_dtensor(odd, specs[0])], _FakeDTensor)
+        got = _ops.C.dtensor_locals([grads[0], _fake_dtensor(odd, specs[0], cls)], cls)
         assert got[3:] == (None, dtype, True), (odd.dtype, got[3:])
     plain = [torch.zeros(2), torch.zeros(2, dtype=torch.float64)]
-    assert _ops.C.dtensor_locals(plain, _FakeDTensor)[3:] == (torch.device("cpu"), torch.float64, False)
-    assert _ops.C.dtensor_locals([], _FakeDTensor)[3:] == (None, None, False)
-    assert _ops.C.dtensor_locals(plain + [3.0], _FakeDTensor) is None
-    assert _ops.C.dtensor_locals(params[:4] + [3.0], _FakeDTensor, True) is None
+    assert _ops.C.dtensor_locals(plain, cls)[3:] == (torch.device("cpu"), torch.float64, False)
+    assert _ops.C.dtensor_locals([], cls)[3:] == (None, None, False)
+    assert _ops.C.dtensor_locals(plain + [3.0], cls) is None
+    assert _ops.C.dtensor_locals(params[:4] + [3.0], cls, True) is None
+    if cls is _SlotDTensor:  # an empty slot: getattr's AttributeError
+        with pytest.raises(AttributeError):
+            _ops.C.dtensor_locals([torch.zeros(0).as_subclass(cls)], cls)
 
 
 @needs_c
