@@ -371,8 +371,10 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
 // The local shards of one distributed call (gradclip_cuda/distributed.py), held from its norm to its scale: the
 // list is walked once for both and, on the CPU, one plan serves both passes (a norm of order p, then the in-place
 // pass when `writes`). `seq`: the call's own list of local shards on `device` (from dtensor_locals, which found them
-// plain; the plan's checks run all the same); the reference held here keeps them alive, so they are borrowed. Finite
-// p > 0 only (the per-key partials are sums). Passes over kReleaseGilElems or more release the GIL, as `fast` does.
+// plain; the plan's checks run all the same). The reference held on that list keeps every shard alive whatever other
+// threads do, so the shards are borrowed, and a CPU pass over kReleaseGilElems or more releases the GIL (as `fast`
+// does) without counted references. CUDA passes only enqueue work: they keep it. Finite p > 0 only (the per-key
+// partials are sums).
 class LocalSet {
  public:
   LocalSet(py::list seq, c10::Device device, bool writes)
@@ -383,7 +385,6 @@ class LocalSet {
                     || device.is_cuda()
 #endif
                     , "LocalSet takes CPU or CUDA tensors, got ", device);
-    for (const at::Tensor& t : ts_.list()) elems_ += t.numel();
   }
 
   // Each key's sum of |x|^p over its shards: float64, one value per key, on the device. `runs`: (key, count) of
@@ -398,17 +399,17 @@ class LocalSet {
     TORCH_CHECK(covered == static_cast<int64_t>(ts_.list().size()), "LocalSet: runs cover ", covered, " of ",
                 ts_.list().size(), " tensors");
     at::Tensor each;
-    run([&](at::TensorList xs) {
-      if (device_.is_cpu()) {
-        if (!plan_) plan_.emplace(make_plan_for(xs, p));
-        each = partials_of_plan(*plan_, p);
-      }
+    if (device_.is_cpu()) {
+      const Plan& plan = cpu_plan(p);
+      std::optional<py::gil_scoped_release> nogil;
+      if (plan.total_elems >= kReleaseGilElems) nogil.emplace();
+      each = partials_of_plan(plan, p);
+    }
 #ifdef GRADCLIP_WITH_CUDA
-      else {
-        each = multi_tensor_partials_cuda(xs, p);
-      }
+    else {
+      each = multi_tensor_partials_cuda(ts_.list(), p);
+    }
 #endif
-    });
     if (n_keys == 1 && runs.size() == 1) return each.sum().reshape({1});
     std::vector<at::Tensor> per_key(n_keys);
     int64_t start = 0;
@@ -423,46 +424,50 @@ class LocalSet {
   }
 
   // The finalised total of `combined` (the reduced partial, one value): (the total, 0-d in `dtype` on the device;
-  // the total the coefficient takes: float64 when `dtype` is, else float32).
+  // the total the coefficient takes: float64 when `dtype` is, else float32). On the CPU from the value itself.
   std::pair<at::Tensor, at::Tensor> finish(const at::Tensor& combined, double p, at::ScalarType dtype) const {
     TORCH_CHECK(combined.numel() == 1, "LocalSet: finish takes one value, got ", combined.numel());
+    const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    if (device_.is_cpu() && combined.is_cpu()) {
+      const auto f64 = at::TensorOptions().dtype(at::kDouble);
+      double v = combined.to(at::kDouble).item<double>();  // a CPU value: no device to wait for
+      // sqrt is correctly rounded everywhere; other roots through torch's pow, as the general path takes them
+      v = p == 1.0 ? v : p == 2.0 ? std::sqrt(v) : at::scalar_tensor(v, f64).pow(1.0 / p).item<double>();
+      return {at::scalar_tensor(v, f64).to(dtype), at::scalar_tensor(v, f64).to(acc)};
+    }
     at::Tensor t = combined.reshape({}).to(device_, at::kDouble);
     t = p == 1.0 ? t : p == 2.0 ? t.sqrt() : t.pow(1.0 / p);
-    return {t.to(dtype), t.to(dtype == at::kDouble ? at::kDouble : at::kFloat)};
+    return {t.to(dtype), t.to(acc)};
   }
 
   // Scales every shard in place by min(max_norm / (total + eps), 1), as the scale op does.
   void scale(const at::Tensor& total, double max_norm, double eps) {
     TORCH_CHECK(writes_, "LocalSet: built for a read-only pass");
-    run([&](at::TensorList xs) {
-      if (device_.is_cpu()) {
-        if (!plan_) plan_.emplace(make_plan_for(xs, 2.0));
-        scale_plan(*plan_, xs, total, max_norm, eps);
-      }
+    if (device_.is_cpu()) {
+      Plan& plan = cpu_plan(2.0);
+      std::optional<py::gil_scoped_release> nogil;
+      if (plan.total_elems >= kReleaseGilElems) nogil.emplace();
+      scale_plan(plan, ts_.list(), total, max_norm, eps);
+    }
 #ifdef GRADCLIP_WITH_CUDA
-      else {
-        multi_tensor_scale_cuda(xs, total, max_norm, eps);
-      }
+    else {
+      multi_tensor_scale_cuda(ts_.list(), total, max_norm, eps);
+    }
 #endif
-    });
   }
 
  private:
-  Plan make_plan_for(at::TensorList xs, double p) const { return make_plan(xs, kCpuChunk, {true, p, writes_}); }
-
-  template <typename F>
-  void run(F&& f) {
-    if (elems_ < kReleaseGilElems) return f(ts_.list());
-    const std::vector<at::Tensor> owned = ts_.owned();  // dropped once the GIL is back
-    py::gil_scoped_release nogil;
-    f(at::TensorList(owned));
+  // The CPU plan, built (with the GIL: it reads the tensors' metadata) on first use; p: the norm's order, for the
+  // plan's checks.
+  Plan& cpu_plan(double p) {
+    if (!plan_) plan_.emplace(make_plan(ts_.list(), kCpuChunk, {true, p, writes_}));
+    return *plan_;
   }
 
   py::list seq_;
   Borrowed ts_;
   c10::Device device_;
   bool writes_;
-  int64_t elems_ = 0;
   std::optional<Plan> plan_;
 };
 

@@ -343,3 +343,17 @@ def test_local_set_refuses_partly_overlapping_shards_before_writing():
     with pytest.raises(RuntimeError, match="overlap"):
         _ops.C.LocalSet(xs, torch.device("cpu"), True).partials(2.0, [(0, 2)], 1)
     assert torch.equal(base, before)
+
+
+@needs_c
+def test_local_set_over_the_gil_release_threshold_matches_the_ops():
+    # a CPU set of 2**22 elements or more runs its passes with the GIL released (bindings.cpp, LocalSet)
+    xs = make_grads([(2**21 + 3,), (2**21,), (7, 5)], [torch.float32], seed=6, params=False)
+    ref = [x.clone() for x in xs]
+    s = _ops.C.LocalSet(list(xs), torch.device("cpu"), True)
+    got = s.partials(2.0, [(0, 3)], 1)
+    assert torch.equal(got, _ops.C.fast(ref, False, 1, 5, 2.0).sum().reshape(1))
+    total, acc = s.finish(got, 2.0, torch.float32)
+    s.scale(acc, 0.5 * float(acc), 1e-6)
+    _ops.C.fast(ref, False, 1, 1, 0.5 * float(acc), 0.0, acc, 1e-6)
+    assert all(torch.equal(x, r) for x, r in zip(xs, ref))
