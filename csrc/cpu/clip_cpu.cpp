@@ -149,23 +149,10 @@ GC_INLINE void map_chunk(T* x, int64_t n, F f) {
 
 // Calls f(typed pointer to the chunk's first element, chunk size, chunk index) for chunks [b, e) of the plan,
 // last chunk first when `backward`.
-// The first bytes of each chunk are fetched kChunksAhead chunks ahead (up to kChunkPrefetchBytes): over thousands
-// of small tensors each chunk is a new stream the hardware prefetcher has not seen, whose lines would otherwise
-// arrive one miss at a time. Longer chunks stream on their own after that start.
-constexpr int64_t kChunksAhead = 2;
-constexpr size_t kChunkPrefetchBytes = 512;
-
 template <typename F>
 GC_INLINE void each_chunk(const Plan& plan, int64_t b, int64_t e, F&& f, bool backward = false) {
   for (int64_t k = b; k < e; ++k) {
     const int64_t i = backward ? b + e - 1 - k : k;
-    if (k + kChunksAhead < e) {
-      const Chunk& c = plan.chunks[backward ? i - kChunksAhead : i + kChunksAhead];
-      const TensorRef& t = plan.tensors[c.tensor];
-      const size_t bytes = static_cast<size_t>(c.size) * dtype_size(t.dtype);
-      prefetch_lines(static_cast<const char*>(t.data) + c.begin * dtype_size(t.dtype),
-                     std::min(bytes, kChunkPrefetchBytes));
-    }
     const Chunk& c = plan.chunks[i];
     const TensorRef& t = plan.tensors[c.tensor];
     switch (t.dtype) {
