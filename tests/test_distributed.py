@@ -348,6 +348,47 @@ def s_amp(rank, world):
         assert torch.allclose(q.grad.to_local(), w, rtol=1e-6, atol=0)
 
 
+def s_amp_scaler(rank, world):
+    """scaler= (a GradScaler on the CPU) and defer= (a fused Adam) with FSDP2 gradients: after the step the
+    parameters match torch's unscale_ + clip_grad_norm_ + step on the unsharded model; one collective per clip."""
+    import gradclip_cuda as gc
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,))
+    for recipe in ("scaler", "defer", "scaler+defer"):
+        ref = _mlp(0)
+        model = _fsdp(mesh, copy.deepcopy(ref))
+        fused = "defer" in recipe  # a fused Adam (torch has no DTensor strategy for the fused SGD kernel)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+        opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2)
+        with_scaler = "scaler" in recipe
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=with_scaler)
+        scaler_ref = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, enabled=with_scaler)
+        for step in range(3):
+            torch.manual_seed(10 + step)
+            x = torch.randn(8, 16)
+            scaler.scale(model(x).pow(2).sum()).backward()
+            scaler_ref.scale(ref(x).pow(2).sum()).backward()
+            scaler_ref.unscale_(opt_ref)
+            want = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.05)
+            params = list(model.parameters())
+            before = [q.grad.to_local().clone() for q in params]
+            with counting() as calls:
+                total = gc.clip_grad_norm_(params, 0.05, scaler=scaler if with_scaler else None, optimizer=opt,
+                                           defer=fused)
+            assert len(calls) == 1, (recipe, calls)
+            if fused:  # handed to the step: nothing written yet
+                assert all(torch.equal(q.grad.to_local(), b) for q, b in zip(params, before)), recipe
+            assert abs(float(total.full_tensor()) - float(want)) <= 2e-5 * float(want), (recipe, total, want)
+            scaler.step(opt)
+            scaler.update()
+            scaler_ref.step(opt_ref)
+            scaler_ref.update()
+            opt.zero_grad()
+            opt_ref.zero_grad()
+            for q, r in zip(params, ref.parameters()):
+                assert torch.allclose(q.full_tensor(), r, rtol=1e-5, atol=1e-6), (recipe, step)
+
+
 def s_errors(rank, world):
     """A group this rank is not in, and a Partial gradient: clear errors, nothing written, no hang."""
     import gradclip_cuda as gc
@@ -467,7 +508,7 @@ def s_fsdp_tp(rank, world):
 
 
 SCENARIOS = {
-    2: ["fsdp", "fsdp_torch_backend", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "amp", "errors"],
+    2: ["fsdp", "fsdp_torch_backend", "fsdp_bf16", "tp", "mixed_plain", "zero", "pp_plain", "local_ops", "amp", "amp_scaler", "errors"],
     4: ["hsdp", "two_meshes", "pp_fsdp", "pp_list", "fsdp_tp"],
 }
 
