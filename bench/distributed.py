@@ -16,7 +16,10 @@ before each call, outside the timed region; the time of a call is rank 0's perf_
 DTensors (not traced; presumably DTensor's dispatch caches), so torch is run only up to --torch-max DTensors and ours is checked against a float64
 reference above that. Collectives per
 call are counted in one extra, untimed call under torch.profiler (its "gloo:"/"nccl:" events: collectives issued
-through torch.distributed and through DTensor's functional collectives alike). torch takes seconds per call at
+through torch.distributed and through DTensor's functional collectives alike). --floors adds rows for what any clip
+of the set must do at least, timed the same way: list the parameters' ``.grad`` (our C++ pass, the fastest we know),
+one all_reduce of one float64, and both in a row; torch's median over theirs bounds the speed-up any implementation
+can reach on this machine. torch takes seconds per call at
 1,000 DTensors on a CPU on its first call: its repeats are few (--torch-repeats). Prints a Markdown table and writes
 distributed-<date>.md and .json to bench/results/runs/ (--out to change).
 """
@@ -180,6 +183,25 @@ def _worker(rank, world, port, args, q):
                 rows.append({"set": name, "params": len(params), "provider": prov, "median_s": statistics.median(times),
                              "min_s": min(times), "first_s": first[prov], "repeats": len(times), "collectives": colls,
                              "correct": ok})
+            if args.floors:  # what any clip of the set must do at least, timed as the providers are
+                from gradclip_cuda import _ops
+                one = torch.zeros(1, dtype=torch.float64)
+                floors = {"floor: list the .grad (C++)": lambda: _ops.C.grads_of(params),
+                          "floor: one all_reduce": lambda: dist.all_reduce(one),
+                          "floor: both": lambda: (_ops.C.grads_of(params), dist.all_reduce(one))}
+                for prov, fn in floors.items():
+                    times = []
+                    for _ in range(args.repeats + 1):
+                        restore()
+                        dist.barrier()
+                        t0 = time.perf_counter()
+                        fn()
+                        times.append(time.perf_counter() - t0)
+                    times = times[1:]
+                    rows.append({"set": name, "params": len(params), "provider": prov,
+                                 "median_s": statistics.median(times), "min_s": min(times), "first_s": float("nan"),
+                                 "repeats": len(times), "collectives": prov.count("all_reduce") + prov.count("both"),
+                                 "correct": True})
             if rank == 0:
                 q.put(("rows", rows))
             del params, pristine
@@ -199,9 +221,10 @@ def _table(rows) -> str:
     ref = {r["set"]: r["median_s"] for r in rows if r["provider"] == "torch"}
     for r in rows:
         up = f"{ref[r['set']] / r['median_s']:.1f}x" if r["set"] in ref else "torch not run"
-        lines.append(f"| {r['set']} | {r['params']} | {r['provider']} | {r['median_s'] * 1e3:.1f} ms | "
-                     f"{r['min_s'] * 1e3:.1f} ms | {r['first_s'] * 1e3:.0f} ms | {r['repeats']} | {r['collectives']} | "
-                     f"{up} | {'yes' if r['correct'] else 'NO'} |")
+        first = "-" if math.isnan(r["first_s"]) else f"{r['first_s'] * 1e3:.0f} ms"
+        agrees = "-" if r["provider"].startswith("floor") else "yes" if r["correct"] else "NO"
+        lines.append(f"| {r['set']} | {r['params']} | {r['provider']} | {r['median_s'] * 1e3:.2f} ms | "
+                     f"{r['min_s'] * 1e3:.2f} ms | {first} | {r['repeats']} | {r['collectives']} | {up} | {agrees} |")
     return "\n".join(lines)
 
 
@@ -215,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-max", type=int, default=1000,
                     help="largest set torch is run on: its first call on DTensors grows about quadratically with "
                          "their number (13 s at 1,000 and 44 s at 2,000 on one CPU rank here)")
+    ap.add_argument("--floors", action="store_true",
+                    help="also time what any clip must do at least: list the parameters' .grad (one C++ pass), one "
+                         "all_reduce of one float64, and both; their speed-up column bounds any implementation's")
     ap.add_argument("--timeout", type=float, default=900, help="seconds before the ranks are ended")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "runs"))
     args = ap.parse_args(argv)

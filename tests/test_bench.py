@@ -98,3 +98,24 @@ def test_step_benchmark_runs_every_recipe_and_checks_they_train_alike():
         assert r["median_ms"] > 0 and r["vs_torch"] > 0
     passes = {r["recipe"]: r["passes"] for r in rows}
     assert passes["torch"] == 5 and passes["ours-write"] == 3 and passes["ours-defer"] == 1  # with a scaler
+
+
+def test_distributed_benchmark_checks_times_and_writes_results(tmp_path):
+    # 2 gloo ranks on this machine, tiny FSDP2 and TP sets, torch run on both, the floors added
+    import json
+    from bench import distributed
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available")
+    code = distributed.main(["--sizes", "20", "--tp-sizes", "8", "--torch-max", "20", "--repeats", "2",
+                             "--torch-repeats", "1", "--floors", "--timeout", "240", "--out", str(tmp_path)])
+    assert code == 0
+    written = sorted(os.listdir(tmp_path))
+    assert [os.path.splitext(w)[1] for w in written] == [".json", ".md"]
+    rows = json.loads((tmp_path / written[0]).read_text())["rows"]
+    floors = ["floor: list the .grad (C++)", "floor: one all_reduce", "floor: both"]
+    assert [(r["set"], r["provider"]) for r in rows] == [(s, p) for s in ("fsdp-20", "tp-8")
+                                                         for p in ["torch", "gradclip"] + floors]
+    for r in rows:
+        assert r["correct"] and 0 < r["min_s"] <= r["median_s"], r
+        assert r["collectives"] == {"floor: list the .grad (C++)": 0}.get(r["provider"], 1), r
+    assert "| fsdp-20 | 20 | gradclip |" in (tmp_path / written[1]).read_text()
