@@ -274,19 +274,19 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
     }
   }
   const size_t m = grads.size();
-  // Borrowed: the gradients in `grads` hold them, and nothing runs Python code (which could rebind a slot) before
-  // they are appended to the result. Read straight from the instance where the attribute is a __slots__ member of
-  // the DTensor class itself (what generic attribute lookup would read), else through getattr.
-  std::vector<PyObject*> locals_(m), specs_(m, nullptr);  // specs_[i] null: a plain tensor
-  std::vector<py::object> held;                         // what getattr returned, for the rest of the call
+  // Counted references: reading a spec's mesh and comparing placements may run Python code, which could rebind a
+  // DTensor's slots. Read straight from the instance where the attribute is a __slots__ member of the DTensor class
+  // itself (what generic attribute lookup would read), else through getattr.
+  std::vector<py::object> locals_(m), specs_(m);  // specs_[i] null: a plain tensor
   const Py_ssize_t local_at = member_offset(cls, s_local), spec_at = member_offset(cls, s_spec);
   bool any_dt = false;
   auto attr = [&](PyObject* g, Py_ssize_t offset, PyObject* name) {
     if (offset >= 0 && Py_TYPE(g) == cls)
-      if (PyObject* v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(g) + offset)) return v;
-    held.push_back(py::reinterpret_steal<py::object>(PyObject_GetAttr(g, name)));
-    if (!held.back()) throw py::error_already_set();
-    return held.back().ptr();
+      if (PyObject* v = *reinterpret_cast<PyObject**>(reinterpret_cast<char*>(g) + offset))
+        return py::reinterpret_borrow<py::object>(v);
+    auto v = py::reinterpret_steal<py::object>(PyObject_GetAttr(g, name));
+    if (!v) throw py::error_already_set();
+    return v;
   };
   for (size_t i = 0; i < m; ++i) {
     if (i + kPrefetchAhead < m) prefetch_lines(grads[i + kPrefetchAhead].ptr(), 160);  // header and slots
@@ -296,9 +296,9 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
       any_dt = true;
       locals_[i] = attr(g, local_at, s_local);
       specs_[i] = attr(g, spec_at, s_spec);
-      if (!is_tensor(locals_[i])) return py::none();
+      if (!is_tensor(locals_[i].ptr())) return py::none();
     } else {
-      locals_[i] = g;
+      locals_[i] = grads[i];
     }
   }
   std::vector<std::pair<py::object, py::object>> uniques;  // (mesh, placements); (None, None): plain tensors
@@ -309,11 +309,12 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
   c10::Device device(c10::DeviceType::Meta);
   at::ScalarType st = at::ScalarType::Undefined;
   for (size_t i = 0; i < m; ++i) {
-    if (i + 2 * kPrefetchAhead < m) prefetch(locals_[i + 2 * kPrefetchAhead]);
+    if (i + 2 * kPrefetchAhead < m) prefetch(locals_[i + 2 * kPrefetchAhead].ptr());
     if (i + kPrefetchAhead < m)
-      prefetch_lines(THPVariable_Unpack(locals_[i + kPrefetchAhead]).unsafeGetTensorImpl(), sizeof(c10::TensorImpl));
+      prefetch_lines(THPVariable_Unpack(locals_[i + kPrefetchAhead].ptr()).unsafeGetTensorImpl(),
+                     sizeof(c10::TensorImpl));
     int slot = -1;
-    PyObject* spec = specs_[i];
+    PyObject* spec = specs_[i].ptr();
     if (spec != nullptr) {
       for (const auto& [sp, j] : seen)
         if (sp == spec) slot = j;
@@ -336,7 +337,7 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
           uniques.emplace_back(mesh, pl);
           members.emplace_back();
         }
-        // A bounded list (specs_ holds them alive): the gradients of a model share a handful of specs.
+        // A bounded list (specs_ holds them): the gradients of a model share a handful of specs.
         if (seen.size() < 16) seen.emplace_back(spec, slot);
       }
       last = slot;
@@ -348,10 +349,10 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
       }
       slot = plain;
     }
-    const at::Tensor& t = THPVariable_Unpack(locals_[i]);
+    const at::Tensor& t = THPVariable_Unpack(locals_[i].ptr());
     if (all_plain) all_plain = plain_tensor(t, device);
     st = st == at::ScalarType::Undefined ? t.scalar_type() : c10::promoteTypes(st, t.scalar_type());
-    members[slot].push_back(locals_[i]);
+    members[slot].push_back(locals_[i].ptr());  // held by locals_
   }
   py::list locals(m), runs, uniq;
   size_t pos = 0;
