@@ -268,7 +268,10 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
       prefetch_grad_chain(items, n, i);
       if (!is_tensor(items[i])) return py::none();
       const at::Tensor& grad = THPVariable_Unpack(items[i]).grad();
-      if (grad.defined()) grads.push_back(py::reinterpret_steal<py::object>(THPVariable_Wrap(grad)));
+      if (grad.defined()) {
+        grads.push_back(py::reinterpret_steal<py::object>(THPVariable_Wrap(grad)));
+        if (!grads.back()) throw py::error_already_set();
+      }
     } else if (items[i] != Py_None) {
       grads.push_back(py::reinterpret_borrow<py::object>(items[i]));
     }
@@ -370,12 +373,14 @@ py::object dtensor_locals(py::handle seq, py::handle dtensor_cls, bool from_para
 }
 
 // The local shards of one distributed call (gradclip_cuda/distributed.py), held from its norm to its scale: the
-// list is walked once for both and, on the CPU, one plan serves both passes (a norm of order p, then the in-place
-// pass when `writes`). `seq`: the call's own list of local shards on `device` (from dtensor_locals, which found them
-// plain; the plan's checks run all the same). The reference held on that list keeps every shard alive whatever other
-// threads do, so the shards are borrowed, and a CPU pass over kReleaseGilElems or more releases the GIL (as `fast`
-// does) without counted references. CUDA passes only enqueue work: they keep it. Finite p > 0 only (the per-key
-// partials are sums).
+// list is walked once for both and, on the CPU, one plan serves both passes. `seq`: the call's own list of local
+// shards on `device` (from dtensor_locals, which found them plain; the plan's checks run all the same). The reference
+// held on that list keeps every shard alive, so the shards are borrowed, and a CPU pass over kReleaseGilElems or more
+// releases the GIL (as `fast` does) without counted references: the list must not change while the set lives (the
+// caller's list is private to one call). Between `partials` and `scale` the shards must keep their storage (the CPU
+// plan holds their data pointers): within one clip nothing else touches them. The in-place pass's checks (partly
+// overlapping shards) run in `scale`, after the collectives, as on CUDA, so that every rank joins them. CUDA passes
+// only enqueue work: they keep the GIL. Finite p > 0 only (the per-key partials are sums).
 class LocalSet {
  public:
   LocalSet(py::list seq, c10::Device device, bool writes)
@@ -446,6 +451,7 @@ class LocalSet {
     TORCH_CHECK(writes_, "LocalSet: built for a read-only pass");
     if (device_.is_cpu()) {
       Plan& plan = cpu_plan(2.0);
+      prepare_writes(plan);
       std::optional<py::gil_scoped_release> nogil;
       if (plan.total_elems >= kReleaseGilElems) nogil.emplace();
       scale_plan(plan, ts_.list(), total, max_norm, eps);
@@ -458,10 +464,10 @@ class LocalSet {
   }
 
  private:
-  // The CPU plan, built (with the GIL: it reads the tensors' metadata) on first use; p: the norm's order, for the
-  // plan's checks.
+  // The CPU plan, built (with the GIL: it reads the tensors' metadata) on first use, for reading; p: the norm's order,
+  // for the plan's checks. `scale` readies it for writing.
   Plan& cpu_plan(double p) {
-    if (!plan_) plan_.emplace(make_plan(ts_.list(), kCpuChunk, {true, p, writes_}));
+    if (!plan_) plan_.emplace(make_plan(ts_.list(), kCpuChunk, {true, p}));
     return *plan_;
   }
 

@@ -273,12 +273,16 @@ def total_norm(grads, p: float, foreach, backend: str, *, writes: bool, process_
                 api._fast(backend) & (api._CPU if device.type == "cpu" else api._CUDA):
             # the compiled kernels over one list held from the norm to the scale (_C.LocalSet)
             local_set = _ops.C.LocalSet(locals_, device, writes)
-            combined = _reduce_keys(plan, local_set.partials(p, runs, len(plan.keys)), p, pps)
+            vals = local_set.partials(p, runs, len(plan.keys)).to(_comm_device(plan, locals_, plan.groups + pps))
+            combined = _reduce_keys(plan, vals, p, pps)
             total, acc = local_set.finish(combined, p, dtype)
             return total, acc, local_set if keep_set else groups, plan.mesh
         return _reduce(plan, locals_, groups, p, pps, runs=runs, backend=backend, dtype=dtype)
     if from_params:
         grads = api._grads(grads)
+        if not grads and process_group is None and not pps:  # nothing to reduce or join: torch's zero
+            zero = torch.tensor(0.0)
+            return zero, zero, {}, None
     plan, kidx, locals_ = _plan(grads, process_group)
     if not writes:  # torch's dtype errors (on the local shards: no DTensor dispatch); _groups checks them to write
         _ops.check_tensors(locals_, 2.0)

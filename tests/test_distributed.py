@@ -296,6 +296,7 @@ def s_local_ops(rank, world):
     """clip_grad_value_ and clip_grads_with_norm_ on DTensors: local, no collective; get_total_norm matches."""
     import gradclip_cuda as gc
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
     mesh = init_device_mesh("cpu", (world,))
     ref = _mlp(0)
     model = _fsdp(mesh, copy.deepcopy(ref))
@@ -322,6 +323,13 @@ def s_local_ops(rank, world):
     with pytest.raises(RuntimeError, match="non-finite"):
         gc.clip_grad_norm_(params, 1e-3, error_if_nonfinite=True)
     assert all(torch.equal(q.grad.to_local(), b) for q, b in zip(params, before) if not b.isnan().any())
+    # DTensor parameters without gradients: torch's tensor(0.) for every norm type, no collective
+    for q in params:
+        q.grad = None
+    for p in (2.0, INF, -INF, 0.0):
+        with counting() as calls:
+            total = gc.clip_grad_norm_(params, 1.0, p)
+        assert calls == [] and not isinstance(total, DTensor) and torch.equal(total, torch.tensor(0.0)), (p, total)
 
 
 def s_amp(rank, world):

@@ -335,13 +335,17 @@ def test_local_set_partials_finish_and_scale(p):
 
 
 @needs_c
-def test_local_set_refuses_partly_overlapping_shards_before_writing():
+def test_local_set_refuses_partly_overlapping_shards_in_its_scale_before_writing():
     base = torch.randn(100)
     xs = [base[:60], base[40:]]  # partly overlapping: no order of writes scales each element once
     before = base.clone()
     assert torch.isfinite(_ops.C.LocalSet(xs, torch.device("cpu"), False).partials(2.0, [(0, 2)], 1)).all()
+    s = _ops.C.LocalSet(xs, torch.device("cpu"), True)
+    got = s.partials(2.0, [(0, 2)], 1)  # read: every rank reaches the collectives; the write refuses
+    want = (before[:60].double().square().sum() + before[40:].double().square().sum()).reshape(1)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
     with pytest.raises(RuntimeError, match="overlap"):
-        _ops.C.LocalSet(xs, torch.device("cpu"), True).partials(2.0, [(0, 2)], 1)
+        s.scale(torch.tensor(10.0), 1.0, 1e-6)
     assert torch.equal(base, before)
 
 

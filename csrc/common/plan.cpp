@@ -81,14 +81,17 @@ Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check) {
     plan.total_elems += numel;
   }
   plan.first_chunk.push_back(static_cast<int64_t>(plan.chunks.size()));
-  if (check.writes) {
-    plan.writes = true;
-    plan.skips = write_skips(plan.tensors);
-    TORCH_CHECK(!plan.skips.overlap, "gradclip_cuda: two gradients share part of their memory (overlapping views, "
-                "or views of one buffer with different dtypes); an in-place pass cannot change each element exactly "
-                "once, so nothing was written. Pass each gradient once, or views that do not overlap.");
-  }
+  if (check.writes) prepare_writes(plan);
   return plan;
+}
+
+void prepare_writes(Plan& plan) {
+  if (plan.writes) return;
+  plan.skips = write_skips(plan.tensors);
+  TORCH_CHECK(!plan.skips.overlap, "gradclip_cuda: two gradients share part of their memory (overlapping views, "
+              "or views of one buffer with different dtypes); an in-place pass cannot change each element exactly "
+              "once, so nothing was written. Pass each gradient once, or views that do not overlap.");
+  plan.writes = true;
 }
 
 AgcCheck check_agc(at::TensorList grads, at::TensorList params, int64_t unit_axis) {

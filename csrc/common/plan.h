@@ -80,6 +80,10 @@ constexpr size_t kPrefetchAhead = 8;
 // (see WriteSkips). Nothing is written before these checks pass.
 Plan make_plan(at::TensorList xs, int64_t chunk_elems, const PlanCheck& check);
 
+// Makes a plan built without PlanCheck::writes ready for an in-place pass: computes its write skips and refuses
+// partly overlapping tensors (the check make_plan runs when asked), before anything is written. Idempotent.
+void prepare_writes(Plan& plan);
+
 // Copies written results back into the non-dense tensors the plan processed through copies.
 void finish_writes(Plan& plan);
 
